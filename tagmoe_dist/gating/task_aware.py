@@ -1,0 +1,128 @@
+"""TAG-MoE: task-conditioned routing and the predictive alignment regulariser (arXiv 2601.08881).
+
+Notation: T tokens, E experts, B samples, N tags (whole vocabulary), P tag-embedding width,
+H predictor width.
+
+The paper's router sees tokens only; task tags shape it through the alignment loss:
+  g_b = mean over the sample's tokens and all MoE layers of the full routing distribution S
+  s_b = sum of the learnable embeddings W_tag[k] of the sample's tags
+  L_align = mean_b (1 - cos(H_pred(g_b), s_b))            (annotated samples only)
+Because g pools over *all* MoE layers, the loss is computed by one model-wide `TaskAlignment`
+module that every layer feeds (`add`) and the model closes (`finish`). A layer used on its own
+owns a private `TaskAlignment` and closes it itself.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from tagmoe_dist.config import MoEConfig
+from tagmoe_dist.gating import losses
+from tagmoe_dist.gating.topk import TopKRouter
+from tagmoe_dist.tasks import TaskSchema
+
+
+def per_sample_mean(x_TE: torch.Tensor, sample_idx_T: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Mean of token rows per sample: [T, E] -> [B, E] (samples with no tokens get zeros)."""
+    sum_BE = x_TE.new_zeros(num_samples, x_TE.shape[1]).index_add_(0, sample_idx_T, x_TE)
+    count_B = torch.bincount(sample_idx_T, minlength=num_samples).clamp(min=1).to(x_TE.dtype)
+    return sum_BE / count_B[:, None]
+
+
+class TaskAwareRouter(TopKRouter):
+    """Top-k router with optional task conditioning of the logits (for users who have task labels
+    at inference). `task_conditioning`:
+      none    the paper's router (tasks act only through the alignment loss)
+      add     logits += t_b . W_t, with t_b the multi-hot tags and W_t zero-initialised
+      concat  gate over [x, e_b] with e_b = t_b . W_emb a learned task embedding; the task half of
+              the gate is zero-initialised, so step 0 equals the plain router
+    Unannotated tags are zero in t_b, so an unknown task adds nothing.
+    """
+
+    def __init__(self, cfg: MoEConfig, schema: TaskSchema):
+        super().__init__(cfg)
+        N, E = schema.num_tags, cfg.num_experts
+        if cfg.task_conditioning == "add":
+            self.task_weight = nn.Parameter(torch.zeros(N, E))
+        elif cfg.task_conditioning == "concat":
+            self.task_embed = nn.Parameter(torch.randn(N, cfg.task_embed_dim) * cfg.init_std)
+            self.task_gate = nn.Parameter(torch.zeros(E, cfg.task_embed_dim))
+
+    def compute_logits(self, x_TD, sample_idx_T, task_BN):
+        logits_TE = super().compute_logits(x_TD, sample_idx_T, task_BN)
+        if task_BN is None or self.cfg.task_conditioning == "none":
+            return logits_TE
+        if self.cfg.task_conditioning == "add":
+            task_BE = task_BN @ self.task_weight
+        else:
+            task_BE = (task_BN @ self.task_embed) @ self.task_gate.t()
+        return logits_TE + task_BE.index_select(0, sample_idx_T)
+
+
+def _orthogonal(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(cols, rows, generator=g))
+    return q.t().contiguous()
+
+
+class TaskAlignment(nn.Module):
+    """W_tag, the predictor H_pred, and the per-forward accumulator of routing signatures."""
+
+    def __init__(self, cfg: MoEConfig, schema: TaskSchema):
+        super().__init__()
+        N, P, H = schema.num_tags, cfg.align_dim, cfg.align_hidden
+        self.cfg, self.schema = cfg, schema
+        if cfg.align_target == "orthogonal":
+            if P < N:
+                raise ValueError(f"MoEConfig.align_target='orthogonal' needs align_dim >= the number "
+                                 f"of tags ({N}); got align_dim={P}")
+            self.register_buffer("tag_embed", _orthogonal(N, P))
+        else:
+            self.tag_embed = nn.Parameter(torch.randn(N, P) / P ** 0.5)
+        self.predictor = nn.Sequential(
+            nn.Linear(cfg.num_experts, H), nn.GELU(), nn.Linear(H, H), nn.GELU(), nn.Linear(H, P))
+        self._sum_BE: Optional[torch.Tensor] = None
+        self._num_layers = 0
+        self._task_BN: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ model-wide pooling
+    def add(self, signature_BE: torch.Tensor, task_BN: torch.Tensor) -> None:
+        """A layer contributes its per-sample mean routing distribution for this forward pass."""
+        self._sum_BE = signature_BE if self._sum_BE is None else self._sum_BE + signature_BE
+        self._num_layers += 1
+        self._task_BN = task_BN
+
+    def finish(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Loss and accuracy from the signatures added since the last call; resets the pool.
+        Returns (None, None) when no layer saw task labels."""
+        if self._sum_BE is None:
+            return None, None
+        g_BE, task_BN = self._sum_BE / self._num_layers, self._task_BN
+        self._sum_BE, self._num_layers, self._task_BN = None, 0, None
+        return self.loss(g_BE, task_BN)
+
+    # ------------------------------------------------------------------ the loss
+    def loss(self, g_BE: torch.Tensor, task_BN: torch.Tensor):
+        """(L_align, alignment accuracy) for signatures g and multi-hot tags. Accuracy: how often the
+        prediction's nearest tag-set embedding in the batch is the sample's own tag set."""
+        task_BN = task_BN.to(g_BE.dtype)
+        mask_B = task_BN.sum(1) > 0
+        tag_embed = self.tag_embed
+        if self.cfg.align_target == "detached":
+            tag_embed = tag_embed.detach()
+        target_BP = task_BN @ tag_embed.to(g_BE.dtype)
+        pred_BP = self.predictor(g_BE)
+        same_BB = (task_BN[:, None, :] == task_BN[None, :, :]).all(-1)
+        loss = losses.alignment_loss(pred_BP, target_BP, mask_B, self.cfg.align_loss,
+                                     self.cfg.align_temperature, same_BB)
+        with torch.no_grad():
+            pn = torch.nn.functional.normalize(pred_BP, dim=-1)
+            tn = torch.nn.functional.normalize(target_BP, dim=-1)
+            sim_BB = (pn @ tn.t()).masked_fill(~mask_B[None, :], -2.0)
+            hit_B = same_BB.gather(1, sim_BB.argmax(1, keepdim=True)).squeeze(1)
+            m = mask_B.to(g_BE.dtype)
+            acc = (hit_B.to(g_BE.dtype) * m).sum() / m.sum().clamp(min=1.0)
+        return loss, acc

@@ -1,0 +1,220 @@
+"""MoELayer = router + dispatcher + experts (+ shared expert).
+
+Notation: T tokens on this rank, D hidden, B samples, N tags, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tagmoe_dist.config import MoEConfig
+from tagmoe_dist.dispatch.dispatcher import AllToAllDispatcher
+from tagmoe_dist.experts import DenseMLP, GroupedExperts
+from tagmoe_dist.gating.losses import AuxLossAutoScaler, routing_entropy
+from tagmoe_dist.gating.task_aware import TaskAlignment, TaskAwareRouter, per_sample_mean
+from tagmoe_dist.gating.task_level import TaskLevelRouter
+from tagmoe_dist.gating.topk import TopKRouter
+from tagmoe_dist.parallel import ParallelGroups
+from tagmoe_dist.tasks import TaskSchema
+
+_LOSS_COEFF = {"aux": "aux_loss_coeff", "z": "z_loss_coeff", "align": "align_loss_coeff"}
+
+
+class SharedExpert(nn.Module):
+    """Always-on expert(s) applied to every token, optionally behind a sigmoid gate (Qwen2-MoE)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.shared_ffn_size, cfg.activation, cfg.init_std)
+        self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        y_TD = self.mlp(x_TD)
+        if self.gate is not None:
+            y_TD = torch.sigmoid(self.gate(x_TD)) * y_TD
+        return y_TD
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN. `forward(x, task=None, token_to_sample=None)` returns a tensor of
+    x's shape; auxiliary losses enter the backward pass through `AuxLossAutoScaler`.
+
+    alignment: a model-wide `TaskAlignment` shared by all task-aware layers of a model (the model
+    calls `alignment.finish()` and attaches the loss); if None, a task-aware layer owns one.
+    """
+
+    def __init__(self, cfg: MoEConfig, groups: Optional[ParallelGroups] = None,
+                 task_schema: Optional[TaskSchema] = None,
+                 alignment: Optional[TaskAlignment] = None):
+        super().__init__()
+        groups = groups or ParallelGroups.single()
+        if cfg.uses_tasks and task_schema is None:
+            raise ValueError(f"MoEConfig.router={cfg.router!r} needs a task schema: pass "
+                             "task_schema=TaskSchema.from_yaml('configs/tasks/<name>.yaml')")
+        self.cfg, self.groups, self.task_schema = cfg, groups, task_schema
+        local_ids = groups.local_experts(cfg.num_experts)
+        # Drawn from the global RNG so that the same torch.manual_seed gives the same global
+        # weights on every rank and for every EP size; experts then use their own generators.
+        base_seed = int(torch.randint(0, 2 ** 30, (1,)).item())
+
+        if cfg.router == "task_aware":
+            self.router = TaskAwareRouter(cfg, task_schema)
+        elif cfg.router == "task_level":
+            self.router = TaskLevelRouter(cfg, task_schema)
+        else:
+            self.router = TopKRouter(cfg)
+        self.experts = GroupedExperts(cfg.hidden_size, cfg.ffn_hidden_size, local_ids,
+                                      cfg.activation, cfg.init_std, base_seed)
+        for p in self.experts.parameters():
+            # DeepSpeed / Megatron conventions: not all-reduced over data parallel, but over the
+            # expert-data-parallel group named after the EP size.
+            p.allreduce = False
+            p.group_name = f"ep_size_{groups.ep_size}"
+        self.shared_expert = SharedExpert(cfg) if cfg.shared_ffn_size > 0 else None
+        self.dispatcher = AllToAllDispatcher(cfg.num_experts, cfg.top_k, groups)
+
+        self.alignment: Optional[TaskAlignment] = None
+        # Not a submodule: the model owns it (registering it here would duplicate its weights).
+        object.__setattr__(self, "_shared_alignment", alignment)
+        if cfg.router == "task_aware" and alignment is None:
+            self.alignment = TaskAlignment(cfg, task_schema)
+        # 1/(gradient accumulation steps) when the main loss is averaged over micro-batches.
+        self.aux_loss_scale = 1.0
+        self.last_losses: Dict[str, torch.Tensor] = {}
+        self.last_stats: Dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, task: Optional[torch.Tensor] = None,
+                token_to_sample: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x_TD, sample_idx_T, num_samples = self._flatten(x, task, token_to_sample)
+        task_BN = self._task_multi_hot(task, num_samples)
+
+        route = self.router(x_TD, sample_idx_T, num_samples, task_BN)
+        x_RD, plan = self.dispatcher.dispatch(x_TD, route)
+        y_RD = self.experts(x_RD, plan.counts_L)
+        y_TD = self.dispatcher.combine(y_RD, plan)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD)
+
+        y_TD = self._add_losses(y_TD, route, sample_idx_T, num_samples, task_BN)
+        return y_TD.view(x.shape)
+
+    # ------------------------------------------------------------------ input handling
+    def _flatten(self, x, task, token_to_sample):
+        cfg = self.cfg
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoELayer input must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape[-1] != cfg.hidden_size:
+            raise ValueError(f"MoELayer input has hidden size {x.shape[-1]} but MoEConfig.hidden_size"
+                             f"={cfg.hidden_size}; check the model width or the config")
+        D = cfg.hidden_size
+        if cfg.input_layout == "th":
+            if x.dim() != 2:
+                raise ValueError(f"MoEConfig.input_layout='th' expects x of shape [tokens, {D}], "
+                                 f"got {tuple(x.shape)}")
+            if token_to_sample is None:
+                if task is not None or cfg.uses_tasks or cfg.aux_loss_type == "seq":
+                    raise ValueError("input_layout='th' needs token_to_sample (LongTensor [tokens], "
+                                     "the sample of each token) for task routing / per-sequence loss")
+                return x, None, None
+            if token_to_sample.shape != x.shape[:1] or token_to_sample.dtype != torch.long:
+                raise ValueError(f"token_to_sample must be a LongTensor of shape [{x.shape[0]}], got "
+                                 f"{token_to_sample.dtype} {tuple(token_to_sample.shape)}")
+            num_samples = task.shape[0] if task is not None else int(token_to_sample.max()) + 1
+            return x, token_to_sample, num_samples
+        if x.dim() != 3:
+            raise ValueError(f"MoEConfig.input_layout={cfg.input_layout!r} expects a 3-D input, got "
+                             f"shape {tuple(x.shape)}; set input_layout='th' for flat tokens")
+        if token_to_sample is not None:
+            raise ValueError("token_to_sample is only used with input_layout='th'")
+        x_TD = x.reshape(-1, D)
+        if cfg.input_layout == "bsh":
+            B, S = x.shape[0], x.shape[1]
+            sample_idx_T = torch.arange(B, device=x.device).repeat_interleave(S)
+        else:
+            S, B = x.shape[0], x.shape[1]
+            sample_idx_T = torch.arange(B, device=x.device).repeat(S)
+        return x_TD, sample_idx_T, B
+
+    def _task_multi_hot(self, task, num_samples):
+        if task is None:
+            if self.cfg.router == "task_level":
+                raise ValueError("router='task_level' routes by the task: pass task= (LongTensor "
+                                 "[batch, levels] with -1 for unknown, or multi-hot [batch, tags])")
+            return None
+        if self.task_schema is None:
+            raise ValueError("task= was given but the layer has no task_schema; pass "
+                             "task_schema= to MoELayer")
+        return self.task_schema.to_multi_hot(task, num_samples).to(self.router_device)
+
+    @property
+    def router_device(self):
+        return next(self.router.parameters()).device
+
+    # ------------------------------------------------------------------ losses and stats
+    def _add_losses(self, y_TD, route, sample_idx_T, num_samples, task_BN):
+        losses = dict(route.losses)
+        stats = {}
+        if self.cfg.router == "task_aware" and task_BN is not None:
+            g_BE = per_sample_mean(route.probs_TE, sample_idx_T, num_samples)
+            if self._shared_alignment is not None:
+                self._shared_alignment.add(g_BE, task_BN)
+            else:
+                losses["align"], stats["align_acc"] = self.alignment.loss(g_BE, task_BN)
+        total = None
+        for name, value in losses.items():
+            term = getattr(self.cfg, _LOSS_COEFF[name]) * value
+            total = term if total is None else total + term
+        if total is not None and torch.is_grad_enabled():
+            y_TD = AuxLossAutoScaler.apply(y_TD, total, self.aux_loss_scale)
+        with torch.no_grad():
+            self.last_losses = {k: v.detach() for k, v in losses.items()}
+            stats["load"] = route.counts_E
+            if route.keep_TK is not None:
+                stats["dropped_fraction"] = 1.0 - route.keep_TK.float().mean()
+            stats["entropy"] = routing_entropy(route.probs_TE)
+            self.last_stats = stats
+        return y_TD
+
+    # ------------------------------------------------------------------ weights
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Global (unsharded) weights on every rank: expert tensors gathered over the EP group."""
+        sd = {}
+        for name, t in self.state_dict().items():
+            if name.startswith("experts.") and self.groups.ep_size > 1:
+                parts = [torch.empty_like(t) for _ in range(self.groups.ep_size)]
+                dist.all_gather(parts, t.contiguous(), group=self.groups.ep_group)
+                t = torch.cat(parts, 0)
+            sd[name] = t.detach().clone()
+        return sd
+
+    def load_full_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        """Load global weights (from `full_state_dict` of a layer with any EP size)."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"load_full_state_dict: missing keys {missing}, unexpected keys "
+                             f"{unexpected}; was the state dict saved from a layer with the same "
+                             "MoEConfig (router, shared experts, task schema)?")
+        ids = self.experts.global_ids
+        local = {}
+        for name, t in sd.items():
+            if name.startswith("experts."):
+                if t.shape[0] != self.cfg.num_experts:
+                    raise ValueError(f"load_full_state_dict: {name} has {t.shape[0]} experts, the "
+                                     f"layer has num_experts={self.cfg.num_experts}")
+                t = t[ids[0]:ids[-1] + 1]
+            if t.shape != own[name].shape:
+                raise ValueError(f"load_full_state_dict: {name} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(own[name].shape)}")
+            local[name] = t
+        self.load_state_dict(local)
+
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step; call after each optimizer step (all ranks)."""
+        self.router.update_expert_bias(self.groups.dp_group)
