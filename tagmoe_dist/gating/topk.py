@@ -82,9 +82,10 @@ class TopKRouter(nn.Module):
 
         if cfg.expert_bias:
             _, topk_ids_TK = stable_topk(scores_TE.detach() + self.expert_bias, cfg.top_k)
-            weights_TK = scores_TE.gather(1, topk_ids_TK)
+            raw_TK = scores_TE.gather(1, topk_ids_TK)
         else:
-            weights_TK, topk_ids_TK = stable_topk(scores_TE, cfg.top_k)
+            raw_TK, topk_ids_TK = stable_topk(scores_TE, cfg.top_k)
+        weights_TK = raw_TK
         if cfg.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp(min=1e-20)
         if cfg.topk_scaling_factor != 1.0:
@@ -98,7 +99,7 @@ class TopKRouter(nn.Module):
         if cfg.capacity_factor is not None:
             cap = expert_capacity(logits_TE.shape[0], cfg.num_experts, cfg.top_k,
                                   cfg.capacity_factor, cfg.min_capacity)
-            keep_TK = capacity_keep_mask(topk_ids_TK, weights_TK.detach(), cfg.num_experts, cap,
+            keep_TK = capacity_keep_mask(topk_ids_TK, raw_TK.detach(), cfg.num_experts, cap,
                                          cfg.drop_policy)
 
         out_losses = {}
