@@ -41,6 +41,17 @@ class TaskLevel:
                 "remove it from 'values'")
 
 
+def _value_list(level, values) -> tuple:
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"task level {level!r}: 'values' must be a list, got {values!r}")
+    for v in values:
+        if not isinstance(v, str):
+            # YAML turns unquoted yes/no/null/numbers into bool/None/float: make that visible.
+            raise ValueError(f"task level {level!r}: value {v!r} is not a string; quote it in the "
+                             "YAML (e.g. 'yes', '1')")
+    return tuple(values)
+
+
 class TaskSchema:
     """An ordered set of task levels with conversions between descriptors, ids and multi-hot."""
 
@@ -70,7 +81,7 @@ class TaskSchema:
         levels = []
         for name, spec in raw.items():
             if isinstance(spec, (list, tuple)):
-                levels.append(TaskLevel(str(name), tuple(str(v) for v in spec), False))
+                levels.append(TaskLevel(str(name), _value_list(name, spec), False))
             elif isinstance(spec, Mapping):
                 unknown_keys = set(spec) - {"values", "multi"}
                 if unknown_keys:
@@ -81,7 +92,7 @@ class TaskSchema:
                 multi = spec.get("multi", False)
                 if not isinstance(multi, bool):
                     raise ValueError(f"task level {name!r}: 'multi' must be true or false")
-                levels.append(TaskLevel(str(name), tuple(str(v) for v in spec["values"]), multi))
+                levels.append(TaskLevel(str(name), _value_list(name, spec["values"]), multi))
             else:
                 raise ValueError(f"task level {name!r}: expected a list of values or "
                                  "{values: [...], multi: bool}")
@@ -134,6 +145,8 @@ class TaskSchema:
 
     def _level_index(self, level: int | str) -> int:
         if isinstance(level, int):
+            if not 0 <= level < len(self.levels):
+                raise ValueError(f"task level index {level} out of range 0..{len(self.levels) - 1}")
             return level
         for i, lv in enumerate(self.levels):
             if lv.name == level:
@@ -144,6 +157,8 @@ class TaskSchema:
     def encode(self, descriptor: Mapping[str, Any] | None) -> list[list[int]]:
         """Descriptor dict -> per-level lists of value ids (empty list = unknown)."""
         descriptor = descriptor or {}
+        if not isinstance(descriptor, Mapping):
+            raise ValueError(f"task descriptor must be a mapping level -> value(s), got {descriptor!r}")
         extra = set(descriptor) - set(self.level_names)
         if extra:
             raise ValueError(f"task descriptor has unknown level(s) {sorted(extra)}; "
@@ -154,7 +169,13 @@ class TaskSchema:
             if v is None or v == UNKNOWN:
                 out.append([])
                 continue
-            vals = [v] if isinstance(v, str) else list(v)
+            if isinstance(v, str):
+                vals = [v]
+            elif isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+                vals = [x for x in v if x != UNKNOWN]
+            else:
+                raise ValueError(f"task level {lv.name!r}: value must be a string or a list of "
+                                 f"strings, got {v!r}")
             if not lv.multi and len(vals) > 1:
                 raise ValueError(f"task level {lv.name!r} is single-valued but got {vals}; "
                                  "give one value or declare the level 'multi: true'")

@@ -1,0 +1,85 @@
+"""Index math of dispatch, tested without a process group (property tests)."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tagmoe_dist.dispatch import permute as P
+
+settings.register_profile("ci", deadline=None, max_examples=60)
+settings.load_profile("ci")
+
+
+@st.composite
+def routing(draw):
+    T = draw(st.integers(0, 40))
+    E = draw(st.integers(1, 9))
+    K = draw(st.integers(1, E))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    # K distinct experts per token, drawn from a random subset so that some experts stay empty
+    active = torch.randperm(E, generator=g)[: draw(st.integers(K, E))]
+    ids = torch.stack([active[torch.randperm(len(active), generator=g)[:K]] for _ in range(T)]) \
+        if T else torch.zeros(0, K, dtype=torch.long)
+    scores = torch.rand(T, K, generator=g)
+    return T, E, K, ids, scores, g
+
+
+@given(routing(), st.booleans())
+def test_permute_unpermute_inverse(r, drop):
+    T, E, K, ids, scores, g = r
+    x = torch.randn(T, 5, generator=g)
+    keep = None
+    if drop:
+        cap = P.expert_capacity(T, E, K, 0.7)
+        keep = P.capacity_keep_mask(ids, scores, E, cap, "probs")
+    perm, counts = P.sort_by_expert(ids, E, keep)
+    kept = ids if keep is None else ids[keep]
+    assert counts.tolist() == torch.bincount(kept.reshape(-1), minlength=E).tolist()
+    assert perm.numel() == int(counts.sum())
+    sorted_ids = ids.reshape(-1)[perm]
+    assert bool((sorted_ids[1:] >= sorted_ids[:-1]).all()), "rows must be grouped by expert"
+    x_N = P.permute(x, perm, K)
+    w = torch.rand(T, K, generator=g)
+    y = P.unpermute(x_N, perm, w)
+    kept_w = w if keep is None else w * keep
+    torch.testing.assert_close(y, x * kept_w.sum(1, keepdim=True))
+
+
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(0, 2 ** 31 - 1))
+def test_chunk_sort_roundtrip(S, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 4, (S, L), generator=g)
+    counts[torch.rand(S, L, generator=g) < 0.3] = 0          # empty blocks
+    R = int(counts.sum())
+    src_block = torch.repeat_interleave(torch.arange(S * L), counts.reshape(-1))
+    idx = P.chunk_sort_index(counts, R)
+    regrouped = src_block[idx]
+    # expert-major: block ids (s*L + l) ordered by (l, s)
+    key = (regrouped % L) * S + regrouped // L
+    assert bool((key[1:] >= key[:-1]).all())
+    back = P.chunk_sort_index(counts.t().contiguous(), R)
+    assert torch.equal(regrouped[back], src_block)
+
+
+def _naive_keep(ids, scores, E, cap, policy):
+    T, K = ids.shape
+    keep = torch.zeros(T, K, dtype=torch.bool)
+    for e in range(E):
+        ch = [(t, k) for t in range(T) for k in range(K) if ids[t, k] == e]
+        if policy == "probs":
+            ch.sort(key=lambda tk: (-float(scores[tk]), tk[0] * K + tk[1]))
+        for t, k in ch[:cap]:
+            keep[t, k] = True
+    return keep
+
+
+@given(routing(), st.sampled_from(["probs", "position"]), st.floats(0.1, 2.0))
+def test_capacity_matches_naive(r, policy, factor):
+    T, E, K, ids, scores, g = r
+    cap = P.expert_capacity(T, E, K, factor)
+    assert cap == max(1, math.ceil(T * K * factor / E))
+    keep = P.capacity_keep_mask(ids, scores, E, cap, policy)
+    assert torch.equal(keep, _naive_keep(ids, scores, E, cap, policy))
