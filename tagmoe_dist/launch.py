@@ -1,14 +1,14 @@
 """Rank discovery for torchrun / DeepSpeed, SLURM, Open MPI, mpi4py and single-process runs.
 
 Precedence (the first match wins; `discover(launcher=...)` forces one):
-  1. torchrun / deepspeed: RANK and WORLD_SIZE set. Explicit vars win, so `srun torchrun ...` and
+  1. torchrun / deepspeed: RANK or WORLD_SIZE set. Explicit vars win, so `srun torchrun ...` and
      `deepspeed` inside an allocation work.
-  2. ompi: OMPI_COMM_WORLD_RANK set (mpirun/orterun; also beats the SLURM_* vars that mpirun
-     inside an sbatch script inherits from the batch step).
+  2. ompi: OMPI_COMM_WORLD_RANK set by mpirun. Beats SLURM because mpirun inside an sbatch script
+     inherits the batch step's SLURM_PROCID=0 in every rank.
   3. slurm: SLURM_PROCID and SLURM_STEP_ID set, i.e. a task of an `srun` step. The batch script
-     itself also has SLURM_PROCID=0 SLURM_NTASKS=N but is one process; it is treated as single.
-  4. mpi4py: PMIX_RANK or PMI_RANK set (an MPI launcher without OMPI vars, e.g. MPICH hydra) and
-     mpi4py importable; rank/size from COMM_WORLD, master = rank 0's host + a free port.
+     itself has SLURM_PROCID=0 SLURM_NTASKS=N but no step id and is one process: single.
+  4. mpi4py: PMIX_RANK or PMI_RANK set (an MPI launcher without OMPI vars, e.g. MPICH hydra);
+     rank/size from COMM_WORLD, master = rank 0's hostname and a free port, broadcast.
   5. single: world 1, 127.0.0.1, a free port.
 MASTER_ADDR / MASTER_PORT from the environment always win over derived values.
 `python -m tagmoe_dist.launch --check` verifies a launch end to end with a gloo all-reduce.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import re
 import shutil
@@ -31,6 +32,14 @@ from pathlib import Path
 from typing import Mapping
 
 LAUNCHERS = ("auto", "torchrun", "deepspeed", "ompi", "slurm", "mpi4py", "single")
+# Where rank, world_size, local_rank, local_world_size come from (named in validation errors).
+VARS = {"torchrun": "RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE",
+        "deepspeed": "RANK WORLD_SIZE LOCAL_RANK LOCAL_SIZE",
+        "slurm": "SLURM_PROCID SLURM_NTASKS SLURM_LOCALID SLURM_TASKS_PER_NODE",
+        "ompi": "OMPI_COMM_WORLD_RANK OMPI_COMM_WORLD_SIZE OMPI_COMM_WORLD_LOCAL_RANK "
+                "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "mpi4py": "COMM_WORLD.rank COMM_WORLD.size host-count host-count",
+        "single": "rank world_size local_rank local_world_size"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +53,15 @@ class LaunchInfo:
     launcher: str
 
     def __post_init__(self):
+        r, w, lr, lw = VARS[self.launcher].split()
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} not in [0, world_size={self.world_size}) "
-                             f"({self.launcher}); check the launcher's task count")
+            raise ValueError(f"{r}={self.rank} is not in [0, {w}={self.world_size}); relaunch "
+                             f"with one task count, or unset stale copies of these variables")
         if not 0 <= self.local_rank < self.local_world_size:
-            raise ValueError(f"local_rank {self.local_rank} not in [0, local_world_size="
-                             f"{self.local_world_size}) ({self.launcher})")
+            raise ValueError(f"{lr}={self.local_rank} is not in [0, {lw}="
+                             f"{self.local_world_size}); fix the per-node task count")
         if not 0 < self.master_port < 65536:
-            raise ValueError(f"MASTER_PORT={self.master_port} is not a TCP port; set 1..65535")
+            raise ValueError(f"MASTER_PORT={self.master_port} is not a TCP port; use 1..65535")
 
     def as_env(self) -> dict[str, str]:
         return {"MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port),
@@ -61,40 +71,26 @@ class LaunchInfo:
 
 # ---- pure parsers -------------------------------------------------------------------------
 
-def _int(env: Mapping[str, str], name: str, fix: str, default: int | None = None) -> int:
-    value = env.get(name)
-    if value is None or value == "":
+def _int(env: Mapping[str, str], fix: str, *names: str, default: int | None = None) -> int:
+    """The first of `names` that is set, as an int; a ValueError naming it and `fix` if bad."""
+    name = next((n for n in names if env.get(n)), None)
+    if name is None:
         if default is None:
-            raise ValueError(f"{name} is not set; {fix}")
+            raise ValueError(f"{names[0]} is not set; {fix}")
         return default
     try:
-        return int(value)
+        return int(env[name])
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer; {fix}") from None
-
-
-def _split_top(text: str) -> list[str]:
-    """Split on commas outside brackets: 'a[1,2],b' -> ['a[1,2]', 'b']."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if depth < 0 or depth > 1:
-            raise ValueError(f"unbalanced brackets in {text!r}")
-        if ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth:
-        raise ValueError(f"unbalanced brackets in {text!r}")
-    return parts + [text[start:]]
+        raise ValueError(f"{name}={env[name]!r} is not an integer; {fix}") from None
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand a SLURM hostlist: 'node[01-03,07],gpu5' -> node01 node02 node03 node07 gpu5."""
     hosts = []
-    for item in _split_top(nodelist.strip()):
-        m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\](.*)", item)
+    for item in re.split(r",(?![^\[]*\])", nodelist.strip()):  # commas outside brackets
+        m = re.fullmatch(r"([^\[\],]*)\[([\d,-]+)\](.*)", item)
         if not m:
-            if not item or re.search(r"[\[\]\s]", item):
+            if not re.fullmatch(r"[^\[\],\s]+", item):
                 raise ValueError(f"bad host {item!r} in node list {nodelist!r}")
             hosts.append(item)
             continue
@@ -133,140 +129,132 @@ def free_port() -> int:
 
 # ---- one mapping per launcher -------------------------------------------------------------
 
-def _master(env, addr: str, port: int) -> tuple[str, int]:
-    fix = "set MASTER_PORT to a free TCP port, or unset it"
-    return env.get("MASTER_ADDR") or addr, _int(env, "MASTER_PORT", fix, default=port)
-
-
 def from_torchrun(env: Mapping[str, str]) -> LaunchInfo:
-    fix = "torchrun/deepspeed set it; set RANK, WORLD_SIZE, LOCAL_RANK together or unset all"
-    world = _int(env, "WORLD_SIZE", fix)
-    if world > 1 and not env.get("MASTER_ADDR"):
-        raise ValueError("MASTER_ADDR is not set but WORLD_SIZE > 1; export the rank-0 host "
-                         "(torchrun --master_addr / deepspeed --master_addr set it)")
-    local_rank = _int(env, "LOCAL_RANK", fix, default=0 if world == 1 else None)
-    local_world = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or str(world)
-    launcher = "deepspeed" if "LOCAL_SIZE" in env and "TORCHELASTIC_RUN_ID" not in env else "torchrun"
-    addr, port = _master(env, "127.0.0.1", 0 if world > 1 else free_port())
-    if port == 0:
-        raise ValueError("MASTER_PORT is not set but WORLD_SIZE > 1; export rank 0's port")
-    return LaunchInfo(_int(env, "RANK", fix), world, local_rank, int(local_world), addr, port,
-                      launcher)
+    fix = "torchrun/deepspeed set it; set RANK, WORLD_SIZE, LOCAL_RANK together or none"
+    world = _int(env, fix, "WORLD_SIZE")
+    one = world == 1
+    if not one and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        raise ValueError("MASTER_ADDR and MASTER_PORT must be set when WORLD_SIZE > 1; export "
+                         "rank 0's host and a free port (torchrun and deepspeed do)")
+    return LaunchInfo(_int(env, fix, "RANK"), world,
+                      _int(env, fix, "LOCAL_RANK", default=0 if one else None),
+                      _int(env, fix, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world),
+                      env.get("MASTER_ADDR") or "127.0.0.1",
+                      _int(env, "use a free TCP port", "MASTER_PORT", default=free_port()),
+                      detect_launcher(env))
 
 
 def first_slurm_host(nodelist: str) -> str:
+    """First host of a hostlist: the pure parser, else `scontrol show hostnames` if present."""
     try:
         return expand_nodelist(nodelist)[0]
     except ValueError:
         if not shutil.which("scontrol"):
             raise
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
+                             text=True, timeout=30).stdout.split()
         if not out:
-            raise ValueError(f"scontrol show hostnames {nodelist!r} printed nothing") from None
+            raise ValueError(f"cannot parse SLURM node list {nodelist!r} (nor can scontrol); "
+                             "set MASTER_ADDR to the rank-0 host") from None
         return out[0]
 
 
 def from_slurm(env: Mapping[str, str]) -> LaunchInfo:
     fix = "run the program as a task of `srun`, which sets it"
-    # srun sets SLURM_STEP_NUM_TASKS; SLURM_NTASKS/NPROCS describe the whole allocation
-    world_var = next((v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
-                      if env.get(v)), "SLURM_NTASKS")
-    world = _int(env, world_var, fix)
-    per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE")
-                or env.get("SLURM_TASKS_PER_NODE") or str(world))
-    counts = expand_tasks_per_node(per_node)
-    node = _int(env, "SLURM_NODEID", fix, default=0)
-    local_world = counts[node] if node < len(counts) else counts[-1]
-    nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-                or env.get("SLURM_NODELIST"))
-    if not nodelist and not env.get("MASTER_ADDR"):
+    # srun's SLURM_STEP_* describe this step; SLURM_NTASKS etc. the whole allocation
+    world = _int(env, fix, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+    per_node = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get(
+        "SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world))
+    node = _int(env, fix, "SLURM_NODEID", default=0)
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
+        "SLURM_NODELIST")
+    if not nodes and not env.get("MASTER_ADDR"):
         raise ValueError("SLURM_JOB_NODELIST is not set; set MASTER_ADDR to the rank-0 host")
-    addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
-    step = _int(env, "SLURM_STEP_ID", fix, default=_int(env, "SLURM_STEPID", fix, default=0))
-    port = env.get("MASTER_PORT") or slurm_port(
-        _int(env, "SLURM_JOB_ID", "set MASTER_PORT, or run under sbatch/salloc"), step)
-    addr, port = _master(env, addr, int(port))
-    return LaunchInfo(_int(env, "SLURM_PROCID", fix), world, _int(env, "SLURM_LOCALID", fix, 0),
-                      local_world, addr, port, "slurm")
+    if env.get("MASTER_PORT"):
+        port = _int(env, "use a free TCP port", "MASTER_PORT")
+    else:
+        job = _int(env, "set MASTER_PORT, or run inside sbatch/salloc", "SLURM_JOB_ID",
+                   "SLURM_JOBID")
+        port = slurm_port(job, _int(env, fix, "SLURM_STEP_ID", "SLURM_STEPID", default=0))
+    return LaunchInfo(_int(env, fix, "SLURM_PROCID"), world, _int(env, fix, "SLURM_LOCALID"),
+                      per_node[min(node, len(per_node) - 1)],
+                      env.get("MASTER_ADDR") or first_slurm_host(nodes), port, "slurm")
 
 
 def from_ompi(env: Mapping[str, str], comm=None) -> LaunchInfo:
-    """Open MPI vars; the master comes from MASTER_ADDR/PORT, else from `comm` (mpi4py), else,
-    when all ranks share one node, 127.0.0.1 and a port hashed from the job's PMIx namespace."""
+    """Ranks from OMPI vars. Master from MASTER_ADDR/PORT, else broadcast over `comm` (mpi4py),
+    else (all ranks on one node) 127.0.0.1 and a port hashed from the job's PMIx namespace."""
     fix = "mpirun sets it; do not set OMPI_COMM_WORLD_* by hand"
-    rank, world = _int(env, "OMPI_COMM_WORLD_RANK", fix), _int(env, "OMPI_COMM_WORLD_SIZE", fix)
-    local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", fix)
-    local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", fix)
+    world = _int(env, fix, "OMPI_COMM_WORLD_SIZE")
+    local_world = _int(env, fix, "OMPI_COMM_WORLD_LOCAL_SIZE")
     if comm is not None and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
-        info = from_mpi4py(comm, env)
-        addr, port = info.master_addr, info.master_port
+        addr, port = (lambda i: (i.master_addr, i.master_port))(from_mpi4py(comm, env))
     elif local_world == world or env.get("MASTER_ADDR"):
         job = env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_ess_base_jobid") or "0"
-        addr, port = _master(env, "127.0.0.1", 10000 + zlib.crc32(job.encode()) % 20000)
+        addr = env.get("MASTER_ADDR") or "127.0.0.1"
+        port = _int(env, "use a free TCP port", "MASTER_PORT",
+                    default=10000 + zlib.crc32(job.encode()) % 20000)
     else:
         raise ValueError("ranks span nodes but MASTER_ADDR is not set; pip install mpi4py, or "
                          "pass `mpirun -x MASTER_ADDR=<rank-0 host> -x MASTER_PORT=<port>`")
-    return LaunchInfo(rank, world, local_rank, local_world, addr, port, "ompi")
+    return LaunchInfo(_int(env, fix, "OMPI_COMM_WORLD_RANK"), world,
+                      _int(env, fix, "OMPI_COMM_WORLD_LOCAL_RANK"), local_world, addr, port, "ompi")
 
 
 def from_mpi4py(comm, env: Mapping[str, str]) -> LaunchInfo:
-    """Collective over `comm` (mpi4py COMM_WORLD): every rank must call it.
-    1. allgather hostnames; local rank = earlier ranks on my host, local size = ranks on it.
-    2. rank 0 picks (its hostname, a free port), or MASTER_ADDR/PORT if set, and broadcasts it."""
+    """Collective over `comm` (mpi4py COMM_WORLD); every rank must call it.
+    1. allgather hostnames: local rank = earlier ranks on my host, local size = ranks on it.
+    2. rank 0 broadcasts (MASTER_ADDR or its hostname, MASTER_PORT or a free port)."""
     rank, world = comm.Get_rank(), comm.Get_size()
     hosts = comm.allgather(socket.gethostname())
-    master = _master(env, hosts[0], free_port()) if rank == 0 else None
+    master = None
+    if rank == 0:
+        master = (env.get("MASTER_ADDR") or hosts[0],
+                  _int(env, "use a free TCP port", "MASTER_PORT", default=free_port()))
     addr, port = comm.bcast(master, root=0)
     return LaunchInfo(rank, world, hosts[:rank].count(hosts[rank]), hosts.count(hosts[rank]),
                       addr, port, "mpi4py")
 
 
-def _mpi_comm():
-    from mpi4py import MPI  # initializes MPI; only imported when an MPI launch is detected
-    return MPI.COMM_WORLD
+def detect_launcher(env: Mapping[str, str]) -> str:
+    """The precedence rules of the module docstring, as a pure function of the environment."""
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return "deepspeed" if "LOCAL_SIZE" in env and "LOCAL_WORLD_SIZE" not in env else "torchrun"
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return "ompi"
+    if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        return "slurm"
+    return "mpi4py" if "PMIX_RANK" in env or "PMI_RANK" in env else "single"
 
 
 def discover(env: Mapping[str, str] | None = None, launcher: str = "auto") -> LaunchInfo:
     env = os.environ if env is None else env
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher={launcher!r}; choose one of {LAUNCHERS}")
-    if launcher == "auto":
-        if "RANK" in env or "WORLD_SIZE" in env:
-            launcher = "torchrun"
-        elif "OMPI_COMM_WORLD_RANK" in env:
-            launcher = "ompi"
-        elif "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
-            launcher = "slurm"
-        elif "PMIX_RANK" in env or "PMI_RANK" in env:
-            launcher = "mpi4py"
-        else:
-            launcher = "single"
+    launcher = detect_launcher(env) if launcher == "auto" else launcher
     if launcher in ("torchrun", "deepspeed"):
         return from_torchrun(env)
     if launcher == "slurm":
         return from_slurm(env)
-    if launcher == "ompi":
+    if launcher in ("ompi", "mpi4py"):
         try:
-            comm = _mpi_comm()
-        except ImportError:
-            comm = None
-        return from_ompi(env, comm)
-    if launcher == "mpi4py":
-        try:
-            return from_mpi4py(_mpi_comm(), env)
+            from mpi4py import MPI  # initializes MPI, so only imported for MPI launches
         except ImportError as e:
+            if launcher == "ompi":
+                return from_ompi(env, comm=None)
             raise ValueError(f"MPI launch detected but mpi4py is not importable ({e}); "
                              "pip install mpi4py, or launch with torchrun/srun") from None
-    addr, port = _master(env, "127.0.0.1", free_port())
-    return LaunchInfo(0, 1, 0, 1, addr, port, "single")
+        return from_ompi(env, MPI.COMM_WORLD) if launcher == "ompi" else from_mpi4py(
+            MPI.COMM_WORLD, env)
+    return LaunchInfo(0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1",
+                      _int(env, "use a free TCP port", "MASTER_PORT", default=free_port()),
+                      "single")
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 300.0,
                      info: LaunchInfo | None = None) -> LaunchInfo:
-    """Discover (unless `info` is given), export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK,
-    and init the default process group; gloo on CPU, nccl when CUDA is available."""
-    import datetime
+    """Discover (unless given `info`), export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and
+    init the default process group (gloo on CPU, nccl when CUDA is available)."""
     import torch
     import torch.distributed as dist
 
@@ -295,49 +283,54 @@ def extension_roots(env: Mapping[str, str] | None = None) -> list[Path]:
     return [Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"]
 
 
-def _proc_scan() -> tuple[set[str], bool]:
-    """(files held open by any local process, whether a compiler/ninja process is running)."""
+def _scan_processes() -> tuple[set[str], bool]:
+    """(paths held open by local processes we may inspect, whether ninja/a compiler runs)."""
     held, building = set(), False
     for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
         try:
             building |= Path(f"/proc/{pid}/comm").read_text().strip() in BUILD_PROCESSES
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
-            continue  # process exited or is not ours to read
+            continue  # exited, or not ours to read
+        for fd in fds:
+            try:
+                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass
     return held, building
 
 
 def find_stale_extension_locks(max_age_s: float = 300.0,
                                roots: list[Path] | None = None) -> list[Path]:
-    """`lock` files (torch's FileBaton, held open by the building process) that no local process
-    holds, whose build dir saw no write for max_age_s, while no ninja/compiler runs here."""
-    locks = [p for root in (roots or extension_roots()) if Path(root).is_dir()
-             for p in Path(root).glob("**/lock") if len(p.relative_to(root).parts) <= 3]
+    """`lock` files (torch's FileBaton; the building process holds it open) that no local process
+    holds, in a build dir unwritten for max_age_s, while no ninja/compiler runs here."""
+    locks = [p for root in map(Path, roots or extension_roots()) if root.is_dir()
+             for p in root.glob("**/lock") if len(p.relative_to(root).parts) <= 3]
     if not locks:
         return []
-    held, building = _proc_scan()
-    now, stale = time.time(), []
+    held, building = _scan_processes()
+    stale = []
     for lock in locks:
         try:
-            last_write = max(p.stat().st_mtime for p in [lock, *lock.parent.iterdir()])
+            idle_s = time.time() - max(p.stat().st_mtime for p in [lock, *lock.parent.iterdir()])
         except OSError:
             continue  # removed while we looked: the build finished
-        if str(lock.resolve()) not in held and now - last_write >= max_age_s and not building:
+        if idle_s >= max_age_s and not building and str(lock.resolve()) not in held:
             stale.append(lock)
     return stale
 
 
 def check_extension_locks(remove: bool = False, max_age_s: float = 300.0,
                           roots: list[Path] | None = None) -> list[Path]:
-    """Raise RuntimeError naming stale locks (or delete them when remove=True, returning them)."""
+    """Raise RuntimeError naming stale locks, or delete them when `remove` (and return them)."""
     stale = find_stale_extension_locks(max_age_s, roots)
     if stale and not remove:
         names = "\n  ".join(map(str, stale))
         raise RuntimeError(
-            f"stale PyTorch extension build lock(s), left by a build that was killed:\n  {names}\n"
-            "every JIT op build waits on them forever. Fix: delete the file(s) (rm), call "
-            "check_extension_locks(remove=True), or point TORCH_EXTENSIONS_DIR at a fresh dir.")
+            f"stale PyTorch extension build lock(s) left by a killed build:\n  {names}\n"
+            "every later JIT op build (DeepSpeed ops) waits on them forever. Fix: delete the "
+            "file(s), or call check_extension_locks(remove=True), or set TORCH_EXTENSIONS_DIR "
+            "to a fresh directory.")
     for lock in stale:
         lock.unlink(missing_ok=True)
     return stale
@@ -347,51 +340,50 @@ def check_extension_locks(remove: bool = False, max_age_s: float = 300.0,
 
 def _check(args) -> int:
     def expire():
-        print(f"launch --check: FAILED: no result after {deadline:.0f} s (watchdog)",
+        print(f"launch --check: {who} FAILED: no result after {deadline:.0f} s (watchdog)",
               file=sys.stderr, flush=True)
         os._exit(124)
 
-    deadline = 2 * args.timeout_s + 10
-    watchdog = threading.Timer(deadline, expire)  # fires only if something ignored its timeout
+    who, deadline = "rank ?", 2 * args.timeout_s + 10
+    watchdog = threading.Timer(deadline, expire)  # only fires if something ignores its timeout
     watchdog.daemon = True
     watchdog.start()
-    who = "rank ?"
     try:
         import torch
         import torch.distributed as dist
 
-        check_extension_locks(remove=args.remove_stale_locks)
         info = discover(launcher=args.launcher)
         who = f"rank {info.rank}/{info.world_size}"
+        check_extension_locks(remove=args.remove_stale_locks)
         init_distributed("gloo", args.timeout_s, info)
         total = torch.tensor([info.rank], dtype=torch.int64)
         dist.all_reduce(total)
-        expected = info.world_size * (info.world_size - 1) // 2
-        if total.item() != expected:
-            raise RuntimeError(f"all-reduce of ranks gave {total.item()}, expected {expected}")
+        if total.item() != info.world_size * (info.world_size - 1) // 2:
+            raise RuntimeError(f"all-reduce of the ranks gave {total.item()}; a rank is wrong")
         dist.destroy_process_group()
     except Exception as e:  # the CLI reports any failure as one line and a non-zero exit
         print(f"launch --check: {who} FAILED: {type(e).__name__}: {e}", file=sys.stderr,
               flush=True)
-        return 1
+        os._exit(1)  # no teardown: a half-built process group can block interpreter exit
+    watchdog.cancel()
     print(f"{who} local {info.local_rank} master {info.master_addr}:{info.master_port} "
           f"launcher {info.launcher} ok", flush=True)
-    watchdog.cancel()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tagmoe_dist.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="init gloo and all-reduce the ranks")
+    p.add_argument("--check", action="store_true", help="init gloo, all-reduce the ranks")
     p.add_argument("--launcher", default="auto", choices=LAUNCHERS)
-    p.add_argument("--timeout-s", type=float, default=60.0)
-    p.add_argument("--remove-stale-locks", action="store_true")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="process-group timeout")
+    p.add_argument("--remove-stale-locks", action="store_true",
+                   help="delete stale torch-extension build locks instead of failing")
     args = p.parse_args(argv)
-    if not args.check:
-        print(discover(launcher=args.launcher))
-        return 0
-    return _check(args)
+    if args.check:
+        return _check(args)
+    print(discover(launcher=args.launcher))
+    return 0
 
 
 if __name__ == "__main__":

@@ -94,9 +94,12 @@ class MoELayer(nn.Module):
         task_BN = self._task_multi_hot(task, num_samples)
 
         route = self.router(x_TD, sample_idx_T, num_samples, task_BN)
-        x_RD, plan = self.dispatcher.dispatch(x_TD, route)
-        y_RD = self.experts(x_RD, plan.counts_L)
-        y_TD = self.dispatcher.combine(y_RD, plan)
+        if self.groups.ep_size == 1:
+            y_TD = self.dispatcher.local(x_TD, route, self.experts)
+        else:
+            x_RD, plan = self.dispatcher.dispatch(x_TD, route)
+            y_RD = self.experts(x_RD, plan.counts_L)
+            y_TD = self.dispatcher.combine(y_RD, plan)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
 

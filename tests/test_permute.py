@@ -83,3 +83,17 @@ def test_capacity_matches_naive(r, policy, factor):
     assert cap == max(1, math.ceil(T * K * factor / E))
     keep = P.capacity_keep_mask(ids, scores, E, cap, policy)
     assert torch.equal(keep, _naive_keep(ids, scores, E, cap, policy))
+
+
+def test_stable_topk_breaks_ties_towards_lower_index():
+    from tagmoe_dist.gating.topk import stable_topk
+    scores = torch.tensor([[0.1, 0.3, 0.3, 0.3, 0.0],      # tie across the boundary
+                           [0.2, 0.2, 0.2, 0.2, 0.2],      # all tied
+                           [0.5, 0.1, 0.4, 0.0, 0.0]])     # no tie
+    _, ids = stable_topk(scores, 2)
+    assert [sorted(r) for r in ids.tolist()] == [[1, 2], [0, 1], [0, 2]]
+    # virtual groups of an upcycled router: rows replicated, every group of 3 copies ties
+    logits = torch.randn(50, 4).repeat_interleave(3, dim=1)
+    _, ids = stable_topk(torch.softmax(logits, -1), 6)
+    groups = (ids // 3).sort(1).values
+    assert torch.equal(groups[:, ::3], groups[:, 1::3]) and torch.equal(groups[:, ::3], groups[:, 2::3])

@@ -23,6 +23,7 @@ import torch
 
 from tagmoe_dist.dispatch import permute as P
 from tagmoe_dist.dispatch.alltoall import all_to_all, all_to_all_counts
+from tagmoe_dist.dispatch.local import local_moe
 from tagmoe_dist.gating.topk import RouterOutput
 from tagmoe_dist.parallel import ParallelGroups
 
@@ -45,6 +46,7 @@ class AllToAllDispatcher:
         self.num_experts, self.top_k, self.groups = num_experts, top_k, groups
         self.ep_size = groups.ep_size
         self.num_local = num_experts // groups.ep_size
+        self.buffer_bytes = 8 << 20
 
     # ------------------------------------------------------------------ dispatch
     def dispatch_preprocess(self, x_TD: torch.Tensor, route: RouterOutput):
@@ -88,6 +90,25 @@ class AllToAllDispatcher:
 
     def combine_postprocess(self, y_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         return P.unpermute(y_ND, plan.perm_N, plan.weights_TK)
+
+    # ------------------------------------------------------------------ EP = 1
+    def local(self, x_TD: torch.Tensor, route: RouterOutput, experts) -> torch.Tensor:
+        """Dispatch -> experts -> combine without an all-to-all (EP = 1).
+
+        On CPU this runs the fused, chunked `LocalMoE` (see dispatch/local.py: never builds the
+        [T*K, D] permuted copies; buffers stay near `buffer_bytes`). On CUDA the caching allocator
+        makes one grouped GEMM over the whole permuted buffer the better choice.
+        """
+        perm_N, counts_E = P.sort_by_expert(route.topk_ids_TK, self.num_experts, route.keep_TK)
+        token_N = torch.div(perm_N, self.top_k, rounding_mode="floor")
+        w_N = route.topk_weights_TK.reshape(-1).index_select(0, perm_N).to(x_TD.dtype)
+        if x_TD.is_cuda:
+            y_ND = experts(x_TD.index_select(0, token_N), counts_E)
+            return x_TD.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND * w_N[:, None])
+        counts = counts_E.tolist()
+        width = max(x_TD.shape[1], experts.w1.shape[-1])
+        max_rows = max(1, self.buffer_bytes // (x_TD.element_size() * width))
+        return local_moe(x_TD, experts.w1, experts.w2, w_N, token_N, counts, experts.act, max_rows)
 
     # ------------------------------------------------------------------ whole passes
     def dispatch(self, x_TD: torch.Tensor, route: RouterOutput):

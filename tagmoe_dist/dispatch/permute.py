@@ -13,7 +13,7 @@ contiguous blocks of tokens, one per expert, and the combine step inverts the pe
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -110,3 +110,25 @@ def chunk_sort_index(counts_SL: torch.Tensor, total: Optional[int] = None) -> to
     # row r of target block b comes from start_of_target[b] + (r - target_start[b])
     shift_R = torch.repeat_interleave(start_of_target - target_start, counts_LS, output_size=total)
     return shift_R + torch.arange(shift_R.numel(), device=counts_SL.device)
+
+
+def row_chunks(counts: List[int], max_rows: int) -> List[Tuple[int, int, List[int]]]:
+    """Cut rows [0, sum(counts)) (grouped by expert) into consecutive chunks of at most
+    `max_rows` rows. Returns (start, stop, per-expert counts inside the chunk) for each chunk;
+    every chunk lists every expert (zeros included), so each one gets a gradient."""
+    assert max_rows > 0
+    total = sum(counts)
+    ends, acc = [], 0
+    for c in counts:
+        acc += c
+        ends.append(acc)
+    out = []
+    for start in range(0, max(total, 1), max_rows):
+        stop = min(start + max_rows, total)
+        inside, prev = [], 0
+        for end in ends:
+            lo, hi = max(prev, start), min(end, stop)
+            inside.append(max(0, hi - lo))
+            prev = end
+        out.append((start, stop, inside))
+    return out

@@ -31,8 +31,21 @@ class RouterOutput:
 
 
 def stable_topk(scores_TE: torch.Tensor, k: int):
-    """Top-k along the last dim with ties broken towards the lower index (deterministic)."""
-    values, ids = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+    """Top-k along the last dim with exact ties broken towards the lower index (deterministic).
+
+    torch.topk does not specify which of several equal values it returns. A full stable sort is
+    slow for many experts, so on CPU take topk(k+1) and fall back to the stable sort only when a
+    row has a tie across the k-th place: the only tie that changes *which* experts are chosen
+    (ties inside the top-k may come out in either order, which no result depends on).
+    """
+    E = scores_TE.shape[-1]
+    if scores_TE.is_cuda or k >= E:
+        values, ids = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+        return values[..., :k], ids[..., :k]
+    values, ids = torch.topk(scores_TE, k + 1, dim=-1, sorted=True)
+    if bool((values[..., k - 1] == values[..., k]).any()):
+        values, ids = torch.sort(scores_TE, dim=-1, descending=True, stable=True)
+        return values[..., :k], ids[..., :k]
     return values[..., :k], ids[..., :k]
 
 

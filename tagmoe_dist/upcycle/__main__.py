@@ -1,0 +1,99 @@
+"""Command line: python -m tagmoe_dist.upcycle --help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from tagmoe_dist.upcycle.convert import upcycle
+from tagmoe_dist.upcycle.options import FORMATS, ROUTERS, UpcycleOptions
+from tagmoe_dist.upcycle.recipes import ROUTER_INITS, SCALINGS
+
+_EPILOG = """\
+At initialisation the --format hf output equals the dense model (fp32 logits within 1e-5) for plain
+and fine-grained (--granularity G) upcycling with --expert-noise 0 and --drop-ratio 0. Drop-Upcycling,
+noise and --scaling cube-root (with SiLU) trade that exactness for training quality.
+See docs/upcycling.md.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tagmoe_dist.upcycle",
+        description="Upcycle a dense Hugging Face Llama/Mistral/Qwen2 checkpoint into a "
+                    "Mixture-of-Experts checkpoint.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, metavar="DIR",
+                   help="dense HF checkpoint directory: config.json + model.safetensors or "
+                        "sharded model-*.safetensors with model.safetensors.index.json")
+    p.add_argument("--dst", required=True, metavar="DIR",
+                   help="output directory; must not exist unless --force")
+    p.add_argument("--num-experts", required=True, type=int, metavar="N",
+                   help="experts per MoE layer (a multiple of --granularity and of --ep-size)")
+    p.add_argument("--top-k", required=True, type=int, metavar="K",
+                   help="experts per token (<= N, a multiple of --granularity)")
+    p.add_argument("--format", default="hf", choices=FORMATS,
+                   help="hf: Mixtral layout for llama/mistral, Qwen2-MoE layout for qwen2, "
+                        "loadable by transformers.AutoModelForCausalLM. tagmoe: the project's own "
+                        "format, not supported yet in this version (default: hf)")
+    p.add_argument("--layers", default="all", metavar="all|every-other|LIST",
+                   help="layers to upcycle: all, every-other (1,3,5,...) or a comma list such as "
+                        "1,3; partial lists need a target with dense layers (Qwen2-MoE) "
+                        "(default: all)")
+    p.add_argument("--granularity", type=int, default=1, metavar="G",
+                   help="fine-grained upcycling: split each FFN's intermediate dimension into G "
+                        "slices, one slice per expert, N/G copies of each (default: 1)")
+    p.add_argument("--router", default="topk", choices=ROUTERS,
+                   help="topk: plain top-k router. task_aware: TAG task-aware router, only for "
+                        "--format tagmoe (default: topk)")
+    p.add_argument("--task-schema", default=None, metavar="YAML",
+                   help="task schema for --router task_aware (--format tagmoe only)")
+    p.add_argument("--ep-size", type=int, default=1, metavar="P",
+                   help="expert-parallel size the model will train with; N must be a multiple "
+                        "of P (default: 1)")
+    p.add_argument("--router-init", default="normal", choices=ROUTER_INITS,
+                   help="normal: N(0, initializer_range) rows, one per virtual group. zeros: all "
+                        "logits tie; exact on CPU via the recorded tie-break layout (default: normal)")
+    p.add_argument("--scaling", default="down", choices=SCALINGS,
+                   help="where the factor G of fine-grained upcycling goes: down (down_proj x G, "
+                        "exact) or cube-root (G**(1/3) on gate, up and down; exact only for ReLU) "
+                        "(default: down)")
+    p.add_argument("--expert-noise", type=float, default=0.0, metavar="F",
+                   help="add N(0, (F*std(w))^2) noise to every expert weight; breaks exactness "
+                        "(default: 0)")
+    p.add_argument("--drop-ratio", type=float, default=0.0, metavar="R",
+                   help="Drop-Upcycling: per expert, re-initialise a fraction R of the "
+                        "intermediate neurons from N(mean, std) of the weights; 0.5 is the paper's "
+                        "choice; breaks exactness (default: 0)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest output shard, e.g. 5GB or 200MB; memory use does not depend "
+                        "on it (default: 5GB)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --dst (atomically, after the new one is complete)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed for router, Drop-Upcycling and noise draws (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        opts = UpcycleOptions(
+            src=args.src, dst=args.dst, num_experts=args.num_experts, top_k=args.top_k,
+            format=args.format, layers=args.layers, granularity=args.granularity,
+            router=args.router, task_schema=args.task_schema, ep_size=args.ep_size,
+            router_init=args.router_init, scaling=args.scaling, expert_noise=args.expert_noise,
+            drop_ratio=args.drop_ratio, force=args.force, seed=args.seed,
+            max_shard_size=args.max_shard_size)
+        dst = upcycle(opts, progress=False if args.no_progress else None)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(f"wrote {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
