@@ -177,6 +177,11 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             self.last_losses = {k: v.detach() for k, v in losses.items()}
             stats["load"] = route.counts_E
+            if sample_idx_T is not None:
+                # per-sample routing counts [B, E], for task x expert statistics
+                E, K = self.cfg.num_experts, self.cfg.top_k
+                key = sample_idx_T.repeat_interleave(K) * E + route.topk_ids_TK.reshape(-1)
+                stats["sample_load"] = torch.bincount(key, minlength=num_samples * E).view(num_samples, E)
             if route.keep_TK is not None:
                 stats["dropped_fraction"] = 1.0 - route.keep_TK.float().mean()
             stats["entropy"] = routing_entropy(route.probs_TE)
@@ -184,38 +189,40 @@ class MoELayer(nn.Module):
         return y_TD
 
     # ------------------------------------------------------------------ weights
+    _EXPERT_KEYS = ("experts.w1", "experts.w2")
+
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Global (unsharded) weights on every rank: expert tensors gathered over the EP group."""
-        sd = {}
-        for name, t in self.state_dict().items():
-            if name.startswith("experts.") and self.groups.ep_size > 1:
+        """Global (unsharded) weights on every rank: expert tensors gathered over the EP group.
+        Expert weights appear stacked as `experts.w1` [E, D, H] and `experts.w2` [E, F, D],
+        whatever per-expert naming the host framework's checkpoints use."""
+        sd = {k: v.detach().clone() for k, v in self.state_dict().items()
+              if not k.startswith("experts.")}
+        for key in self._EXPERT_KEYS:
+            t = getattr(self.experts, key.split(".")[1]).detach()
+            if self.groups.ep_size > 1:
                 parts = [torch.empty_like(t) for _ in range(self.groups.ep_size)]
                 dist.all_gather(parts, t.contiguous(), group=self.groups.ep_group)
                 t = torch.cat(parts, 0)
-            sd[name] = t.detach().clone()
+            sd[key] = t.clone()
         return sd
 
     def load_full_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
         """Load global weights (from `full_state_dict` of a layer with any EP size)."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
+        want = {k: v.shape for k, v in self.state_dict().items() if not k.startswith("experts.")}
+        want.update({k: (self.cfg.num_experts,) + tuple(getattr(self.experts, k[8:]).shape[1:])
+                     for k in self._EXPERT_KEYS})
+        missing = sorted(set(want) - set(sd))
+        unexpected = sorted(set(sd) - set(want))
         if missing or unexpected:
             raise ValueError(f"load_full_state_dict: missing keys {missing}, unexpected keys "
                              f"{unexpected}; was the state dict saved from a layer with the same "
                              "MoEConfig (router, shared experts, task schema)?")
-        ids = self.experts.global_ids
-        local = {}
         for name, t in sd.items():
-            if name.startswith("experts."):
-                if t.shape[0] != self.cfg.num_experts:
-                    raise ValueError(f"load_full_state_dict: {name} has {t.shape[0]} experts, the "
-                                     f"layer has num_experts={self.cfg.num_experts}")
-                t = t[ids[0]:ids[-1] + 1]
-            if t.shape != own[name].shape:
+            if tuple(t.shape) != tuple(want[name]):
                 raise ValueError(f"load_full_state_dict: {name} has shape {tuple(t.shape)}, expected "
-                                 f"{tuple(own[name].shape)}")
-            local[name] = t
+                                 f"{tuple(want[name])} (num_experts={self.cfg.num_experts})")
+        ids = self.experts.global_ids
+        local = {k: (v[ids[0]:ids[-1] + 1] if k in self._EXPERT_KEYS else v) for k, v in sd.items()}
         self.load_state_dict(local)
 
     def update_expert_bias(self) -> None:

@@ -83,6 +83,14 @@ class ParallelGroups:
                    ep_group=ep_group if ep_size > 1 else None,
                    edp_group=edp_group, dp_group=dp_group)
 
+    @classmethod
+    def from_deepspeed(cls, ep_size: int = 1) -> "ParallelGroups":
+        """Reuse DeepSpeed's expert-parallel and expert-data-parallel groups (after
+        deepspeed.init_distributed), so DeepSpeed's engine reduces expert gradients over the
+        same groups our all-to-all uses."""
+        from tagmoe_dist.integrations.deepspeed import parallel_groups
+        return parallel_groups(ep_size)
+
     @property
     def edp_size(self) -> int:
         return 1 if self.edp_group is None else dist.get_world_size(self.edp_group)

@@ -22,6 +22,9 @@ def free_port() -> int:
 def _entry(rank, world_size, port, fn, args):
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # what torchrun would export; DeepSpeed's engine insists on LOCAL_RANK
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=PG_TIMEOUT)
     try:

@@ -1,0 +1,180 @@
+"""DeepSpeed adapter: the only module that reads DeepSpeed's host globals (`deepspeed.utils.groups`).
+
+What DeepSpeed needs from an MoE model, and how we give it:
+  1. Expert parameters carry `allreduce=False` and `group_name="ep_size_<N>"` (set by MoELayer),
+     so `split_params_into_different_moe_groups_for_optimizer` puts them in their own optimizer
+     groups and ZeRO 1/2 reduces them over the expert-data-parallel group.
+  2. The engine switches on its MoE code paths (expert-DP gradient reduction, per-expert
+     checkpoint files) only for modules that are instances of `deepspeed.moe.layer.MoE`.
+     `prepare_model` turns each of our expert containers into `DeepSpeedGroupedExperts`, which
+     is both: it keeps our stacked weights and grouped GEMMs, and exposes DeepSpeed's names.
+  3. DeepSpeed's checkpointing moves every state-dict key containing "expert" of such a module
+     into `layer_<L>_expert_<E>_mp_rank_XX_model_states.pt` files and *drops it from the main
+     file*; keys that do not match its `deepspeed_moe.experts.deepspeed_experts.<i>` pattern would
+     be lost. So the container writes its stacked weights as per-expert views under exactly that
+     pattern, and reads either form back.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from tagmoe_dist.experts import GroupedExperts
+from tagmoe_dist.parallel import ParallelGroups
+
+_DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+_DS_KEY = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w1|w2)$")
+
+
+def _deepspeed():
+    try:
+        import deepspeed  # noqa: F401
+        from deepspeed.utils import groups
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("the DeepSpeed integration needs deepspeed: pip install 'tagmoe-dist[deepspeed]'") from e
+    return deepspeed, groups
+
+
+def parallel_groups(ep_size: int = 1) -> ParallelGroups:
+    """ParallelGroups built from DeepSpeed's expert-parallel / expert-data-parallel groups
+    (creating them through DeepSpeed if this EP size has none yet), so that our all-to-all and
+    DeepSpeed's gradient reduction use the same groups."""
+    deepspeed, groups = _deepspeed()
+    import deepspeed.comm as dscomm
+    if not dscomm.is_initialized():
+        raise RuntimeError("call deepspeed.init_distributed() before ParallelGroups.from_deepspeed()")
+    world = dscomm.get_world_size()
+    if world % ep_size != 0:
+        raise ValueError(f"ep_size={ep_size} does not divide the world size {world}")
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    ep_group = groups._get_expert_parallel_group(name)
+    return ParallelGroups(
+        ep_size=ep_size,
+        ep_rank=groups._get_expert_parallel_rank(name),
+        ep_group=ep_group if ep_size > 1 else None,
+        edp_group=groups._get_expert_data_parallel_group(name),
+        dp_group=groups._get_data_parallel_group(),
+    )
+
+
+def _moe_base():
+    from deepspeed.moe.layer import MoE
+    return MoE
+
+
+class _DeepSpeedNames:
+    """State-dict naming and engine hooks shared by the DeepSpeed expert container."""
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        # DeepSpeed's MoE creates its groups here; ours were created (from DeepSpeed's registry)
+        # before the model was built. Only check that they are still registered.
+        _, groups = _deepspeed()
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name in ("w1", "w2"):
+            p = getattr(self, name)
+            for local_id in range(p.shape[0]):
+                t = p[local_id] if keep_vars else p.detach()[local_id]
+                destination[f"{prefix}{_DS_PREFIX}{local_id}.{name}"] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("w1", "w2"):
+            p = getattr(self, name)
+            stacked = prefix + name
+            if stacked in state_dict:      # our own stacked layout
+                src = state_dict[stacked]
+            else:
+                keys = [f"{prefix}{_DS_PREFIX}{i}.{name}" for i in range(p.shape[0])]
+                absent = [k for k in keys if k not in state_dict]
+                if absent:
+                    missing_keys.extend(absent)
+                    continue
+                src = torch.stack([state_dict[k] for k in keys])
+            if src.shape != p.shape:
+                error_msgs.append(f"{prefix}{name}: checkpoint shape {tuple(src.shape)} != "
+                                  f"{tuple(p.shape)}; was it saved with another ep_size? "
+                                  "Reshard it with python -m tagmoe_dist.reshard")
+                continue
+            with torch.no_grad():
+                p.copy_(src)
+        if strict:
+            for k in state_dict:
+                if k.startswith(prefix) and k[len(prefix):] not in ("w1", "w2") and \
+                        not _DS_KEY.match(k[len(prefix):]):
+                    unexpected_keys.append(k)
+
+
+_CLASS_CACHE: Dict[type, type] = {}
+
+
+def _ds_class(base: type) -> type:
+    # Built lazily so that importing this module does not import deepspeed.
+    if base not in _CLASS_CACHE:
+        _CLASS_CACHE[base] = type("DeepSpeedGroupedExperts", (_DeepSpeedNames, base, _moe_base()), {})
+    return _CLASS_CACHE[base]
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Make every tagmoe expert container in `model` visible to the DeepSpeed engine as an MoE
+    module (see the module docstring). Call before `deepspeed.initialize`. Returns the model."""
+    from tagmoe_dist.layer import MoELayer
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        experts = layer.experts
+        if isinstance(experts, _moe_base()):
+            continue
+        experts.__class__ = _ds_class(type(experts))
+        # The attributes DeepSpeed's engine and checkpointing read from its MoE modules.
+        experts.num_experts = layer.cfg.num_experts
+        experts.ep_size = layer.groups.ep_size
+        experts.expert_group_name = f"ep_size_{layer.groups.ep_size}"
+        experts.enable_expert_tensor_parallelism = False
+        count += 1
+    if count == 0:
+        raise ValueError("prepare_model found no tagmoe_dist.MoELayer in the model")
+    return model
+
+
+def check_zero_stage(ds_config: Dict[str, Any]) -> None:
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:
+        raise ValueError(
+            "zero_optimization.stage=3 is not supported with tagmoe_dist MoE layers yet: experts are "
+            "already sharded over the expert-parallel group, and DeepSpeed's engine refuses ZeRO-3 for "
+            "MoE modules. Use stage 1 or 2 (they shard the optimizer state and gradients of the "
+            "experts over the expert-data-parallel group).")
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0,
+                           no_decay_names=("bias", "norm", "ln", "embed")) -> List[Dict[str, Any]]:
+    """Parameter groups for DeepSpeed: dense / no-decay split, then experts split into their own
+    groups (`moe: True`, one per expert-data-parallel group name)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or any(k in n for k in no_decay_names) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """deepspeed.init_distributed with the right backend for the machine and a timeout."""
+    deepspeed, _ = _deepspeed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))

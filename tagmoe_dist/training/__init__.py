@@ -1,0 +1,1 @@
+"""Pieces of the training entry point (tagmoe_dist.train): checkpoints and metrics."""

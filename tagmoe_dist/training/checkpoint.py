@@ -1,0 +1,88 @@
+"""Checkpoints through DeepSpeed, plus what DeepSpeed does not keep: our config and task schema,
+and a manifest that lets a load verify the checkpoint is whole before touching the model.
+
+DeepSpeed writes `<dir>/<tag>/...` and updates `<dir>/latest` only after every file is written,
+so a job killed mid-save leaves `latest` pointing at the previous, complete checkpoint. Our own
+files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+import torch.distributed as dist
+import yaml
+
+MANIFEST = "tagmoe_manifest.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def has_checkpoint(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / "latest").is_file()
+
+
+def save(engine, ckpt_dir: Path, step: int) -> Path:
+    tag = f"step_{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    if dist.is_initialized():
+        dist.barrier()
+    tag_dir = Path(ckpt_dir) / tag
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.name != MANIFEST}
+        _atomic_write(tag_dir / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+    return tag_dir
+
+
+def verify(ckpt_dir: Path) -> str:
+    """The tag `latest` points to, after checking every file the manifest lists."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); run "
+                                "without --resume, or set train.log_dir to the run to continue")
+    tag = latest.read_text().strip()
+    manifest = ckpt_dir / tag / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"checkpoint {ckpt_dir / tag} has no {MANIFEST}: it was not written "
+                         "completely; point 'latest' at an earlier step_* directory")
+    want = json.loads(manifest.read_text())["files"]
+    for name, size in want.items():
+        p = ckpt_dir / tag / name
+        if not p.is_file() or p.stat().st_size != size:
+            raise ValueError(f"checkpoint file {p} is missing or truncated (expected {size} bytes); "
+                             "the checkpoint is damaged: point 'latest' at an earlier step_* directory")
+    return tag
+
+
+def load(engine, ckpt_dir: Path) -> int:
+    """Load the latest checkpoint into the engine; returns the step to continue from."""
+    tag = verify(ckpt_dir)
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise ValueError(f"DeepSpeed could not load {Path(ckpt_dir) / tag}")
+    return int(client["step"])
+
+
+def write_run_config(ckpt_dir: Path, config_path: str, cfg, schema, train: Dict[str, Any],
+                     ds_config: Dict[str, Any]) -> None:
+    """Our model config and task schema beside DeepSpeed's files, for resume and upcycling."""
+    ckpt_dir = Path(ckpt_dir)
+    _atomic_write(ckpt_dir / "model_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if schema is not None:
+        _atomic_write(ckpt_dir / "task_schema.yaml", yaml.safe_dump(schema.to_dict(), sort_keys=False))
+    _atomic_write(ckpt_dir / "run.json", json.dumps({"config": str(config_path), "train": train,
+                                                     "deepspeed": ds_config}, indent=1, default=str))
