@@ -338,10 +338,17 @@ def check_extension_locks(remove: bool = False, max_age_s: float = 300.0,
 
 # ---- python -m tagmoe_dist.launch --check -------------------------------------------------
 
+def _say(stream, line: str) -> None:
+    # One write per line: print() writes text and "\n" separately when unbuffered
+    # (PYTHONUNBUFFERED=1), and mpirun/srun then interleave the ranks mid-line.
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def _check(args) -> int:
     def expire():
-        print(f"launch --check: {who} FAILED: no result after {deadline:.0f} s (watchdog)",
-              file=sys.stderr, flush=True)
+        _say(sys.stderr, f"launch --check: {who} FAILED: no result after {deadline:.0f} s "
+             "(watchdog)")
         os._exit(124)
 
     who, deadline = "rank ?", 2 * args.timeout_s + 10
@@ -362,12 +369,11 @@ def _check(args) -> int:
             raise RuntimeError(f"all-reduce of the ranks gave {total.item()}; a rank is wrong")
         dist.destroy_process_group()
     except Exception as e:  # the CLI reports any failure as one line and a non-zero exit
-        print(f"launch --check: {who} FAILED: {type(e).__name__}: {e}", file=sys.stderr,
-              flush=True)
+        _say(sys.stderr, f"launch --check: {who} FAILED: {type(e).__name__}: {e}")
         os._exit(1)  # no teardown: a half-built process group can block interpreter exit
     watchdog.cancel()
-    print(f"{who} local {info.local_rank} master {info.master_addr}:{info.master_port} "
-          f"launcher {info.launcher} ok", flush=True)
+    _say(sys.stdout, f"{who} local {info.local_rank} master {info.master_addr}:"
+         f"{info.master_port} launcher {info.launcher} ok")
     return 0
 
 

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     ap.add_argument("--config", required=True, help="model + training YAML (configs/models/*.yaml)")
     ap.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (configs/deepspeed/*.json)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log_dir")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="override train.* keys, e.g. --set steps=20 log_dir=/tmp/run")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
                     help="set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)")
@@ -147,14 +147,17 @@ def main(argv=None) -> int:
     from tagmoe_dist.integrations import deepspeed as tds
     from tagmoe_dist.launch import check_extension_locks
     check_extension_locks()
-    ds_probe_world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds_config = load_ds_config(args.deepspeed_config, train, ds_probe_world)
-    tds.init_distributed()
-    import deepspeed
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # Everything that can be wrong with the input is checked before any process group waits,
+    # so a bad config fails on every rank at once instead of hanging the healthy ones.
+    from tagmoe_dist.launch import discover
+    world = discover().world_size
     if world % train["ep_size"] != 0:
         raise ValueError(f"train.ep_size={train['ep_size']} does not divide the {world} processes; "
                          "launch a multiple of ep_size processes or change ep_size")
+    ds_config = load_ds_config(args.deepspeed_config, train, world)
+    tds.init_distributed()
+    import deepspeed
+    rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     torch.manual_seed(train["seed"])
@@ -205,7 +208,7 @@ def main(argv=None) -> int:
         for layer in model.moe_layers():
             layer.update_expert_bias()
         tokens = int(batch["attention_mask"].sum()) * train["grad_accum"] * world
-        logger.step_done(step, float(loss), tokens, time.perf_counter() - t0,
+        logger.step_done(step, float(loss.detach()), tokens, time.perf_counter() - t0,
                          log=(step + 1) % train["log_interval"] == 0)
         done = step + 1
         if train["eval_interval"] and (done % train["eval_interval"] == 0 or done == train["steps"]):

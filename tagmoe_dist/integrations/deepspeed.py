@@ -174,7 +174,13 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0,
 
 
 def init_distributed(timeout_s: float = 600.0) -> None:
-    """deepspeed.init_distributed with the right backend for the machine and a timeout."""
+    """Discover rank / world / master from whichever launcher started us (torchrun, deepspeed,
+    srun, mpirun, or none: one process), init torch.distributed with a timeout, and hand the
+    process group to DeepSpeed's comm layer (which then reuses it instead of re-discovering)."""
     deepspeed, _ = _deepspeed()
+    import torch.distributed as dist
+    from tagmoe_dist.launch import init_distributed as launch_init
+    if not dist.is_initialized():
+        launch_init(timeout_s=timeout_s)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))

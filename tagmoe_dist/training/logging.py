@@ -7,6 +7,8 @@ writes. Notation: K tasks, E experts, L MoE layers.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -33,12 +35,15 @@ class MetricLogger:
             "n": torch.zeros(1)}
         self.acc = self._zero()
         self.tokens, self.seconds = 0, 0.0
-        self.writer = self.bar = None
+        self.writer = self.bar = self.jsonl = None
         if is_main:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(log_dir) / "steps.jsonl", "a", encoding="utf-8")
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
             self.writer = SummaryWriter(str(Path(log_dir) / "tb"))
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
@@ -62,6 +67,10 @@ class MetricLogger:
         a["n"] += 1
 
     def step_done(self, step: int, loss: float, tokens: int, seconds: float, log: bool) -> None:
+        if self.jsonl is not None:
+            # every step's loss (rank 0's micro-batch), for exact comparisons across runs
+            self.jsonl.write(json.dumps({"step": step + 1, "loss": loss}) + "\n")
+            self.jsonl.flush()
         self.tokens += tokens
         self.seconds += seconds
         if self.bar is not None:
@@ -141,3 +150,5 @@ class MetricLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

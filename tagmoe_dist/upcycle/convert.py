@@ -107,10 +107,14 @@ def _write_layer(ckpt: DenseCheckpoint, plan: Plan, opts: UpcycleOptions, layer:
 
 
 def _metadata(plan: Plan, opts: UpcycleOptions, hashes: dict, index: dict, side: list) -> dict:
+    import importlib.metadata
+
     import safetensors
 
-    import tagmoe_dist
-
+    try:
+        version = importlib.metadata.version("tagmoe-dist")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        version = "unknown"
     recipe = plan.recipe
     return {
         "tool": "tagmoe_dist.upcycle",
@@ -137,7 +141,7 @@ def _metadata(plan: Plan, opts: UpcycleOptions, hashes: dict, index: dict, side:
         "output": {"shards": sorted(set(index["weight_map"].values())),
                    "total_size": index["metadata"]["total_size"], "side_files": side},
         "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__,
-                     "tagmoe_dist": getattr(tagmoe_dist, "__version__", "unknown")},
+                     "tagmoe_dist": version},
     }
 
 

@@ -110,8 +110,9 @@ class DenseCheckpoint:
         return tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor. It may stay backed by the file's mapping until the caller drops it, which
-        is the point: memory is released tensor by tensor, not when the whole shard is closed."""
+        """One tensor; treat it as read-only. It may stay backed by the file's mapping until the
+        caller drops it, which is the point: memory is released tensor by tensor, not when the
+        whole shard is closed."""
         with safe_open(str(self._file(key)), framework="pt") as f:
             return f.get_tensor(key)
 
@@ -158,7 +159,7 @@ class ShardedWriter:
         self.shards = assign_shards(specs, max_shard_bytes)
         n = len(self.shards)
         self.shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (shard, file offset)
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (shard, offset, spec)
         self._files = []
         for shard_idx, (shard, fname) in enumerate(zip(self.shards, self.shard_names)):
             self._files.append(self._open_shard(shard_idx, shard, fname))

@@ -29,10 +29,9 @@ class DenseFfn:
         return f"{self.prefix}mlp.gate_up_proj.weight"
 
     def keys(self, ckpt: DenseCheckpoint) -> tuple[str, ...]:
-        p = f"{self.prefix}mlp."
-        if ckpt.has(self.fused):
-            return self.fused, f"{p}down_proj.weight"
-        return f"{p}gate_proj.weight", f"{p}up_proj.weight", f"{p}down_proj.weight"
+        """The source keys holding this FFN: (gate, up, down) or (gate_up, down)."""
+        gate, up, down = self.classic_names()
+        return (self.fused, down) if ckpt.has(self.fused) else (gate, up, down)
 
     def classic_names(self) -> tuple[str, str, str]:
         p = f"{self.prefix}mlp."

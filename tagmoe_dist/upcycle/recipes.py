@@ -209,20 +209,23 @@ def build_expert(gate_FH: torch.Tensor, up_FH: torch.Tensor, down_HF: torch.Tens
     dense weights' scale and the exactness factor applies to the finished expert.
     """
     gate_fH, up_fH, down_Hf = slice_ffn(gate_FH, up_FH, down_HF, slice_idx, recipe.granularity)
+    weights = {"gate": gate_fH, "up": up_fH, "down": down_Hf}
+    neuron_dim = {"gate": 0, "up": 0, "down": 1}
     if recipe.drop_ratio > 0:
         # One index set per expert, shared by gate rows, up rows and down columns: together they
         # are whole intermediate neurons.
         idx_R = drop_indices(gate_fH.shape[0], recipe.drop_ratio,
                              make_generator(seed, layer, expert, "drop-idx"))
-        gate_fH = reinit_along(gate_fH, idx_R, 0, make_generator(seed, layer, expert, "drop-gate"))
-        up_fH = reinit_along(up_fH, idx_R, 0, make_generator(seed, layer, expert, "drop-up"))
-        down_Hf = reinit_along(down_Hf, idx_R, 1, make_generator(seed, layer, expert, "drop-down"))
+        weights = {n: reinit_along(w, idx_R, neuron_dim[n],
+                                   make_generator(seed, layer, expert, f"drop-{n}"))
+                   for n, w in weights.items()}
     if recipe.expert_noise > 0:
-        gate_fH = add_noise(gate_fH, recipe.expert_noise, make_generator(seed, layer, expert, "noise-gate"))
-        up_fH = add_noise(up_fH, recipe.expert_noise, make_generator(seed, layer, expert, "noise-up"))
-        down_Hf = add_noise(down_Hf, recipe.expert_noise, make_generator(seed, layer, expert, "noise-down"))
+        weights = {n: add_noise(w, recipe.expert_noise,
+                                make_generator(seed, layer, expert, f"noise-{n}"))
+                   for n, w in weights.items()}
     out = []
-    for w, s in zip((gate_fH, up_fH, down_Hf), projection_scales(recipe.scale_factor, recipe.scaling)):
+    scales = projection_scales(recipe.scale_factor, recipe.scaling)
+    for w, s in zip(weights.values(), scales):
         # Untouched slices are copied bit for bit; scaled ones are computed in float32.
         out.append(w.contiguous().clone() if s == 1.0 else (w.float() * s).to(w.dtype))
     return tuple(out)

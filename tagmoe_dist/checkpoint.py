@@ -1,0 +1,204 @@
+"""One global fp32 state dict from a DeepSpeed checkpoint of an expert-parallel model.
+
+    python -m tagmoe_dist.checkpoint export --ckpt runs/x/checkpoints --out model.safetensors
+
+Why not DeepSpeed's `zero_to_fp32.py`: (deepspeed 0.19.8) it refuses every MoE checkpoint, ours and
+those of DeepSpeed's own `deepspeed.moe.layer.MoE` alike. It globs `*_model_states.pt`, which also
+matches the per-expert files, and stops at the first of them with
+`ValueError: .../layer_0_expert_0_mp_rank_00_model_states.pt is not a model state checkpoint`;
+past that, it would merge the expert optimizer partitions as if they were sharded over the whole
+data-parallel group ("consumed N numels out of 2N - something is wrong").
+
+What DeepSpeed writes in `<ckpt_dir>/<tag>/` for ZeRO stages 0-2 (model parallel size 1):
+
+    mp_rank_00_model_states.pt                          'module': non-expert parameters, buffers;
+                                                        'num_experts': [E of each MoE layer]
+    layer_<L>_expert_<E>_mp_rank_00_model_states.pt     one expert E (global id) of MoE layer L:
+        <prefix>.deepspeed_moe.experts.deepspeed_experts.<E>.w1 (and .w2)
+    zero_pp_rank_<r>_mp_rank_00_optim_states.pt         optimizer partitions (not read here)
+
+`consolidate` stacks the experts in global order under MoELayer.full_state_dict()'s naming,
+`<prefix>.w1` [E, D, H] (prefix = the layer's expert container, e.g. `blocks.0.moe.experts`). The
+values are the module weights: exactly the trained weights for fp32 training; for bf16/fp16 training
+the 16-bit weights upcast (the fp32 master copy lives in the optimizer partitions).
+Files are unpickled with `weights_only=False` (DeepSpeed stores Python objects): trusted input only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+
+MAIN_FILE = "mp_rank_00_model_states.pt"
+_EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
+
+PathLike = Union[str, os.PathLike]
+
+
+def resolve_tag(ckpt_dir: PathLike, tag: Optional[str] = None) -> Path:
+    """`<ckpt_dir>/<tag>`, where tag defaults to the content of `<ckpt_dir>/latest`."""
+    ckpt_dir = Path(ckpt_dir)
+    if tag is None:
+        latest = ckpt_dir / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"{ckpt_dir} has no 'latest' file: pass the tag (the step_* "
+                                    "directory name) explicitly, or point at the checkpoint root")
+        tag = latest.read_text().strip()
+    tag_dir = ckpt_dir / str(tag)
+    if not tag_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {tag_dir} does not exist")
+    return tag_dir
+
+
+def _fp32(t):
+    return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _expert_files(tag_dir: Path) -> Dict[int, Dict[int, Path]]:
+    """{layer: {global expert id: file}} of every per-expert file in the tag directory."""
+    files: Dict[int, Dict[int, Path]] = defaultdict(dict)
+    for p in tag_dir.iterdir():
+        m = _EXPERT_FILE.match(p.name)
+        if not m:
+            continue
+        if int(m.group(3)) != 0:
+            raise ValueError(f"{p}: checkpoints with model (tensor) parallel size > 1 are not "
+                             "supported by consolidate()")
+        files[int(m.group(1))][int(m.group(2))] = p
+    return files
+
+
+def _stacked_name(key: str, m: "re.Match") -> str:
+    # Our container (w1/w2): MoELayer.full_state_dict()'s naming. Anything else (DeepSpeed's
+    # native experts): the ModuleList level `deepspeed_experts.<id>` becomes the stacked dim 0.
+    if m.group(3) in ("w1", "w2"):
+        return f"{m.group(1)}.{m.group(3)}"
+    return f"{m.group(1)}.deepspeed_moe.experts.{m.group(3)}"
+
+
+def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The global fp32 state dict of a DeepSpeed (ZeRO 0-2) checkpoint, experts stacked.
+
+    Reads `<ckpt_dir>/<tag or latest>/`. Raises ValueError naming the first missing expert file if
+    any expert id 0..E-1 of any MoE layer is absent (e.g. an expert-parallel rank did not save).
+    """
+    tag_dir = resolve_tag(ckpt_dir, tag)
+    main = tag_dir / MAIN_FILE
+    if not main.is_file():
+        if (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+            raise ValueError(f"{tag_dir} is a ZeRO-3 checkpoint; consolidate() reads ZeRO 0-2 "
+                             "checkpoints (tagmoe_dist refuses ZeRO-3 with MoE layers)")
+        raise FileNotFoundError(f"{main} not found: is {tag_dir} a DeepSpeed checkpoint?")
+    if (tag_dir / "mp_rank_01_model_states.pt").is_file():
+        raise ValueError(f"{tag_dir}: checkpoints with model (tensor) parallel size > 1 are not "
+                         "supported by consolidate()")
+    state = torch.load(main, map_location="cpu", weights_only=False)
+    if "module" not in state or state["module"] is None:
+        raise ValueError(f"{main} holds no 'module' state dict (a pipeline-engine checkpoint?)")
+    out: Dict[str, torch.Tensor] = {k: _fp32(v) for k, v in state["module"].items()}
+
+    files = _expert_files(tag_dir)
+    num_experts = list(state.get("num_experts") or [])
+    # The engine counts MoE modules in named_modules() order: layer L has num_experts[L] experts.
+    layers = sorted(set(files) | set(range(len(num_experts))))
+    for layer in layers:
+        have = files.get(layer, {})
+        E = num_experts[layer] if layer < len(num_experts) else max(have) + 1
+        missing = [e for e in range(E) if e not in have]
+        if missing:
+            want = tag_dir / f"layer_{layer}_expert_{missing[0]}_mp_rank_00_model_states.pt"
+            raise ValueError(f"incomplete checkpoint: MoE layer {layer} has {E} experts but "
+                             f"{want} is missing ({len(missing)} expert file(s) absent: ids "
+                             f"{missing}); was it written by every expert-parallel rank?")
+        extra = sorted(e for e in have if e >= E)
+        if extra:
+            raise ValueError(f"{tag_dir}: MoE layer {layer} has {E} experts but files for expert "
+                             f"ids {extra} exist; the directory mixes two checkpoints")
+        stacks: Dict[str, list] = defaultdict(list)
+        for e in range(E):
+            expert_sd = torch.load(have[e], map_location="cpu", weights_only=True)
+            for key, t in expert_sd.items():
+                m = _EXPERT_KEY.match(key)
+                if m is None or int(m.group(2)) != e:
+                    raise ValueError(f"{have[e]}: unexpected key {key!r} (expected "
+                                     f"'<prefix>.deepspeed_moe.experts.deepspeed_experts.{e}.<name>')")
+                stacks[_stacked_name(key, m)].append(_fp32(t))
+        for name, parts in stacks.items():
+            if len(parts) != E:
+                raise ValueError(f"{tag_dir}: MoE layer {layer}: {name} is present in "
+                                 f"{len(parts)} of {E} expert files")
+            if name in out:
+                raise ValueError(f"{tag_dir}: {name} appears both in {MAIN_FILE} and in the "
+                                 "expert files")
+            out[name] = torch.stack(parts)
+    return out
+
+
+def _atomic(path: PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def save_safetensors(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Path:
+    """Write `state_dict` as safetensors, atomically (temporary name in the same directory, then
+    rename), so a reader never sees a half-written file."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise ImportError("save_safetensors needs safetensors: pip install safetensors "
+                          "(or export to a .pt file)") from e
+    # safetensors refuses tensors that share storage (the per-expert views of one stack).
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()
+               if isinstance(v, torch.Tensor)}
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def save_torch(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Path:
+    """torch.save, atomically."""
+    return _atomic(path, lambda tmp: torch.save(state_dict, tmp))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tagmoe_dist.checkpoint",
+                                 description="Tools for DeepSpeed checkpoints of tagmoe_dist models.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="consolidate a checkpoint (all expert-parallel ranks) into "
+                                       "one global fp32 state dict file",
+                        description=consolidate.__doc__)
+    ex.add_argument("--ckpt", required=True, help="checkpoint root (the directory holding 'latest')")
+    ex.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_100 (default: 'latest')")
+    ex.add_argument("--out", required=True, help="output file: .safetensors or .pt")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        ap.error(f"--out {out}: use a .safetensors or .pt file name")
+    try:
+        sd = consolidate(args.ckpt, args.tag)
+        (save_safetensors if out.suffix == ".safetensors" else save_torch)(sd, out)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    numel = sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
+    print(f"wrote {out}: {len(sd)} tensors, {numel:,} values")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
