@@ -78,7 +78,7 @@ class MoEConfig:
     init_std: float = 0.02
     # layout / execution
     input_layout: str = "bsh"                 # bsh = [batch, seq, hidden], sbh = [seq, batch, hidden], th = flat
-    overlap_chunks: Union[int, str] = 1       # chunks of the dispatch/compute pipeline, or "auto"
+    overlap_chunks: Union[int, str] = "auto"  # EP>1: chunks of the all-to-all / expert pipeline
     debug_checks: bool = False                # host-syncing checks (non-finite logits)
 
     def __post_init__(self):

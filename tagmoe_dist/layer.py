@@ -97,9 +97,7 @@ class MoELayer(nn.Module):
         if self.groups.ep_size == 1:
             y_TD = self.dispatcher.local(x_TD, route, self.experts)
         else:
-            x_RD, plan = self.dispatcher.dispatch(x_TD, route)
-            y_RD = self.experts(x_RD, plan.counts_L)
-            y_TD = self.dispatcher.combine(y_RD, plan)
+            y_TD = self.dispatcher.expert_parallel(x_TD, route, self.experts, self.cfg.overlap_chunks)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
 

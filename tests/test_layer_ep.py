@@ -46,43 +46,51 @@ def rank_inputs(rank: int, case_idx: int):
     return x, ids, cot
 
 
-def _check(rank, world, verbose=False):
+def _check(rank, world, cases=None):
     groups = tm.ParallelGroups.build(ep_size=world) if world > 1 else tm.ParallelGroups.single()
     for ci, (name, over) in enumerate(CASES):
-        cfg = tm.MoEConfig(hidden_size=D, ffn_hidden_size=F_, num_experts=E, top_k=K,
-                           align_dim=12, align_hidden=10, init_std=0.3, **over)
-        torch.manual_seed(7)
-        layer = tm.MoELayer(cfg, groups=groups, task_schema=SCHEMA)
-        with torch.no_grad():  # make task terms matter (they are zero-initialised)
-            for n, p in layer.named_parameters():
-                if n.startswith("router.task_"):
-                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
-        full = layer.full_state_dict()
-        x, ids, cot = rank_inputs(rank, ci)
-        x.requires_grad_(True)
-        y = layer(x, task=ids)
-        (y * cot).sum().backward()
+        if cases is not None and name not in cases:
+            continue
+        for chunks in (cases or {}).get(name, [None]):
+            _check_case(rank, world, groups, ci, name,
+                        dict(over, overlap_chunks=chunks) if chunks else over)
 
-        # reference, for every rank's batch (expert grads are sums over all ranks' tokens)
-        task = {r: SCHEMA.to_multi_hot(rank_inputs(r, ci)[1]) for r in range(world)}
-        refs = {r: reference_grads(cfg, full, rank_inputs(r, ci)[0], task[r], rank_inputs(r, ci)[2])
-                for r in range(world)}
-        y_ref, losses_ref, g_ref, gx_ref = refs[rank]
-        where = f"case {name}, ep={world}, rank {rank}"
-        torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0, msg=lambda m: f"{where}: output {m}")
-        torch.testing.assert_close(x.grad, gx_ref, atol=ATOL, rtol=0, msg=lambda m: f"{where}: dx {m}")
-        assert set(layer.last_losses) == set(losses_ref), (where, layer.last_losses, losses_ref)
-        for k, v in losses_ref.items():
-            torch.testing.assert_close(layer.last_losses[k], v, atol=ATOL, rtol=0,
-                                       msg=lambda m: f"{where}: loss {k} {m}")
-        lo, hi = layer.experts.global_ids[0], layer.experts.global_ids[-1] + 1
+
+def _check_case(rank, world, groups, ci, name, over):
+    cfg = tm.MoEConfig(hidden_size=D, ffn_hidden_size=F_, num_experts=E, top_k=K,
+                       align_dim=12, align_hidden=10, init_std=0.3, **over)
+    torch.manual_seed(7)
+    layer = tm.MoELayer(cfg, groups=groups, task_schema=SCHEMA)
+    with torch.no_grad():  # make task terms matter (they are zero-initialised)
         for n, p in layer.named_parameters():
-            if n.startswith("experts."):
-                want = sum(refs[r][2][n] for r in range(world))[lo:hi]
-            else:
-                want = g_ref[n]
-            got = p.grad if p.grad is not None else torch.zeros_like(p)
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{where}: grad {n} {m}")
+            if n.startswith("router.task_"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    full = layer.full_state_dict()
+    x, ids, cot = rank_inputs(rank, ci)
+    x.requires_grad_(True)
+    y = layer(x, task=ids)
+    (y * cot).sum().backward()
+
+    # reference, for every rank's batch (expert grads are sums over all ranks' tokens)
+    task = {r: SCHEMA.to_multi_hot(rank_inputs(r, ci)[1]) for r in range(world)}
+    refs = {r: reference_grads(cfg, full, rank_inputs(r, ci)[0], task[r], rank_inputs(r, ci)[2])
+            for r in range(world)}
+    y_ref, losses_ref, g_ref, gx_ref = refs[rank]
+    where = f"case {name}, ep={world}, rank {rank}"
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0, msg=lambda m: f"{where}: output {m}")
+    torch.testing.assert_close(x.grad, gx_ref, atol=ATOL, rtol=0, msg=lambda m: f"{where}: dx {m}")
+    assert set(layer.last_losses) == set(losses_ref), (where, layer.last_losses, losses_ref)
+    for k, v in losses_ref.items():
+        torch.testing.assert_close(layer.last_losses[k], v, atol=ATOL, rtol=0,
+                                   msg=lambda m: f"{where}: loss {k} {m}")
+    lo, hi = layer.experts.global_ids[0], layer.experts.global_ids[-1] + 1
+    for n, p in layer.named_parameters():
+        if n.startswith("experts."):
+            want = sum(refs[r][2][n] for r in range(world))[lo:hi]
+        else:
+            want = g_ref[n]
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{where}: grad {n} {m}")
 
 
 @pytest.mark.parametrize("ep", [1, 2, 4])
@@ -91,3 +99,14 @@ def test_ep_equals_reference(ep):
         _check(0, 1)
     else:
         run_distributed(_check, ep)
+
+
+OVERLAP = {"topk-dropless": [1, 2, 4], "topk-drop": [3],
+           "topk-sigmoid-norm-seqaux-shared-gelu": [1, 2, 4], "task_aware-concat-shared": [2]}
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_overlap_chunks_equal_reference(ep):
+    """The chunked all-to-all / expert pipeline gives the reference's outputs, gradients and
+    losses for every chunk count, with and without shared experts (issue: overlap)."""
+    run_distributed(_check, ep, OVERLAP)

@@ -97,3 +97,18 @@ def test_stable_topk_breaks_ties_towards_lower_index():
     _, ids = stable_topk(torch.softmax(logits, -1), 6)
     groups = (ids // 3).sort(1).values
     assert torch.equal(groups[:, ::3], groups[:, 1::3]) and torch.equal(groups[:, ::3], groups[:, 2::3])
+
+
+@given(st.integers(1, 6), st.integers(0, 2 ** 31 - 1))
+def test_split_counts_and_block_rows(C, seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 9, (7,), generator=g)
+    parts = P.split_counts(counts, C)
+    assert parts.shape == (C, 7) and torch.equal(parts.sum(0), counts)
+    assert int((parts.max(0).values - parts.min(0).values).max()) <= 1
+    assert bool((parts[:-1] >= parts[1:]).all()), "earlier parts take the remainder"
+    # the chunks' row sets partition the sorted buffer, each block in order
+    starts = torch.cumsum(counts, 0) - counts
+    offs = torch.cumsum(parts, 0) - parts
+    rows = torch.cat([P.block_rows(starts + offs[c], parts[c]) for c in range(C)])
+    assert torch.equal(rows.sort().values, torch.arange(int(counts.sum())))

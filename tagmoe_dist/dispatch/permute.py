@@ -132,3 +132,18 @@ def row_chunks(counts: List[int], max_rows: int) -> List[Tuple[int, int, List[in
             prev = end
         out.append((start, stop, inside))
     return out
+
+
+def split_counts(counts_M: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """Split every count into `num_chunks` near-equal parts: [M] -> [C, M], summing to counts.
+    Part c of m is m // C, plus one for the first m % C parts. Sender and receiver apply the same
+    rule to the same counts, so both know every chunk's sizes without exchanging them."""
+    c_C1 = torch.arange(num_chunks, device=counts_M.device)[:, None]
+    return counts_M[None, :] // num_chunks + (c_C1 < (counts_M % num_chunks)[None, :]).long()
+
+
+def block_rows(starts_M: torch.Tensor, lengths_M: torch.Tensor) -> torch.Tensor:
+    """Concatenation of the row ranges [starts[m], starts[m] + lengths[m]) in order of m."""
+    excl_M = torch.cumsum(lengths_M, 0) - lengths_M
+    shift = torch.repeat_interleave(starts_M - excl_M, lengths_M)
+    return shift + torch.arange(shift.numel(), device=starts_M.device)

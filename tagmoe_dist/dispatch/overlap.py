@@ -1,0 +1,174 @@
+"""Expert-parallel dispatch -> experts -> combine in chunks, with the all-to-all of one chunk in
+flight while the experts compute another, in the forward *and* the backward pass.
+
+Notation: T local tokens, D hidden, N rows this rank sends (kept choices, sorted by global expert),
+S EP ranks, L local experts, H first-projection width, C chunks, R rows received.
+
+How chunks are cut (pure functions in permute.py): every (destination expert) block of the sorted
+send buffer, and correspondingly every (source rank, local expert) block of the receive side, is
+split into C near-equal parts with the same rule, so both sides derive every chunk's split sizes
+from the one token-count exchange; no per-chunk count exchange and no extra host sync.
+
+Forward schedule, identical on every rank (collectives must be issued in the same order):
+  1. issue dispatch(0)
+  2. for c in chunks: issue dispatch(c+1); wait dispatch(c); experts(c); issue combine(c);
+                      wait combine(c-1) and scatter its weighted rows into y
+  3. wait the last combine and scatter it
+Backward mirrors it: the gradient of chunk c+1's outputs travels while the experts run the
+backward of chunk c, and the input gradients travel back while the next chunk computes.
+On CPU the gloo backend runs the exchanges on its own thread, so they overlap with the compute
+of the calling thread.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+import torch.distributed as dist
+
+from tagmoe_dist.dispatch import permute as P
+
+
+def _a2a_start(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group):
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits,
+                                  input_split_sizes=in_splits, group=group, async_op=True)
+    return out, work
+
+
+def _blocks(counts: List[int]):
+    start = 0
+    for l, n in enumerate(counts):
+        if n:
+            yield l, start, n
+        start += n
+
+
+class _Chunk:
+    """Index plan of one chunk (all host-side sizes known)."""
+
+    def __init__(self, send_rows: torch.Tensor, send_SL: torch.Tensor, recv_SL: torch.Tensor,
+                 device):
+        self.send_rows = send_rows.to(device)                   # rows of the sorted send buffer
+        self.in_splits = send_SL.sum(1).tolist()                # rows sent to each rank
+        self.out_splits = recv_SL.sum(1).tolist()               # rows received from each rank
+        R = sum(self.out_splits)
+        # [source][expert] -> [expert][source] and back
+        self.regroup = P.chunk_sort_index(recv_SL, R).to(device)
+        self.restore = P.chunk_sort_index(recv_SL.t().contiguous(), R).to(device)
+        self.counts_L = recv_SL.sum(0).tolist()
+
+
+def plan_chunks(counts_E: torch.Tensor, recv_SL: torch.Tensor, num_chunks: int,
+                device=None) -> List[_Chunk]:
+    """Index plans of `num_chunks` chunks, from host-side (CPU) counts."""
+    S, L = recv_SL.shape
+    parts_CE = P.split_counts(counts_E, num_chunks)
+    parts_CSL = P.split_counts(recv_SL.reshape(-1), num_chunks).view(num_chunks, S, L)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    offsets_CE = torch.cumsum(parts_CE, 0) - parts_CE
+    return [_Chunk(P.block_rows(starts_E + offsets_CE[c], parts_CE[c]),
+                   parts_CE[c].view(S, L), parts_CSL[c], device) for c in range(num_chunks)]
+
+
+class ExpertParallelMoE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks: List[_Chunk], act: Callable, group):
+        T, D = x_TD.shape
+        y_TD = x_TD.new_zeros(T, D)
+        saved_x, saved_h, saved_out = [], [], []
+
+        def dispatch(c):
+            ch = chunks[c]
+            buf = x_TD.index_select(0, token_N.index_select(0, ch.send_rows))
+            return _a2a_start(buf, ch.out_splits, ch.in_splits, group)
+
+        def scatter(c, back_ND, work):
+            work.wait()
+            rows = chunks[c].send_rows
+            y_TD.index_add_(0, token_N.index_select(0, rows), back_ND * w_N.index_select(0, rows)[:, None])
+            saved_out.append(back_ND)
+
+        inflight = {0: dispatch(0)} if chunks else {}
+        pending = None
+        for c, ch in enumerate(chunks):
+            if c + 1 < len(chunks):
+                inflight[c + 1] = dispatch(c + 1)
+            recv_RD, work = inflight.pop(c)
+            work.wait()
+            x_RD = recv_RD.index_select(0, ch.regroup)
+            h_RH = x_RD.new_empty(x_RD.shape[0], w1_LDH.shape[-1])
+            for l, a, n in _blocks(ch.counts_L):
+                torch.mm(x_RD[a:a + n], w1_LDH[l], out=h_RH[a:a + n])
+            a_RF = act(h_RH)
+            o_RD = x_RD.new_empty(x_RD.shape)
+            for l, a, n in _blocks(ch.counts_L):
+                torch.mm(a_RF[a:a + n], w2_LFD[l], out=o_RD[a:a + n])
+            combine = _a2a_start(o_RD.index_select(0, ch.restore), ch.in_splits, ch.out_splits, group)
+            if pending is not None:
+                scatter(*pending)
+            pending = (c, *combine)
+            saved_x.append(x_RD)
+            saved_h.append(h_RH)
+        if pending is not None:
+            scatter(*pending)
+        ctx.save_for_backward(w1_LDH, w2_LFD, w_N, token_N, *saved_x, *saved_h, *saved_out)
+        ctx.chunks, ctx.act, ctx.group, ctx.T = chunks, act, group, T
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, gy_TD):
+        w1_LDH, w2_LFD, w_N, token_N, *rest = ctx.saved_tensors
+        C = len(ctx.chunks)
+        saved_x, saved_h, saved_out = rest[:C], rest[C:2 * C], rest[2 * C:]
+        chunks, act, group = ctx.chunks, ctx.act, ctx.group
+        gy_TD = gy_TD.contiguous()
+        gx_TD = torch.zeros(ctx.T, gy_TD.shape[1], dtype=gy_TD.dtype, device=gy_TD.device)
+        gw1, gw2 = torch.zeros_like(w1_LDH), torch.zeros_like(w2_LFD)
+        gw_N = torch.zeros_like(w_N)
+
+        def send_grad(c):
+            ch = chunks[c]
+            tok = token_N.index_select(0, ch.send_rows)
+            gy_ND = gy_TD.index_select(0, tok)
+            gw_N[ch.send_rows] = (gy_ND * saved_out[c]).sum(1)
+            g_out = gy_ND * w_N.index_select(0, ch.send_rows)[:, None]
+            return _a2a_start(g_out, ch.out_splits, ch.in_splits, group)
+
+        def gather_back(c, g_ND, work):
+            work.wait()
+            gx_TD.index_add_(0, token_N.index_select(0, chunks[c].send_rows), g_ND)
+
+        inflight = {0: send_grad(0)} if chunks else {}
+        pending = None
+        for c, ch in enumerate(chunks):
+            if c + 1 < C:
+                inflight[c + 1] = send_grad(c + 1)
+            recv_RD, work = inflight.pop(c)
+            work.wait()
+            go_RD = recv_RD.index_select(0, ch.regroup)
+            x_RD, h_RH = saved_x[c], saved_h[c]
+            with torch.enable_grad():
+                h_leaf = h_RH.detach().requires_grad_(True)
+                a_RF = act(h_leaf)
+            ga_RF = a_RF.new_empty(a_RF.shape)
+            for l, a, n in _blocks(ch.counts_L):
+                torch.mm(go_RD[a:a + n], w2_LFD[l].t(), out=ga_RF[a:a + n])
+                gw2[l].addmm_(a_RF[a:a + n].detach().t(), go_RD[a:a + n])
+            (gh_RH,) = torch.autograd.grad(a_RF, h_leaf, ga_RF)
+            gx_RD = go_RD                                   # reuse the regrouped buffer
+            for l, a, n in _blocks(ch.counts_L):
+                torch.mm(gh_RH[a:a + n], w1_LDH[l].t(), out=gx_RD[a:a + n])
+                gw1[l].addmm_(x_RD[a:a + n].t(), gh_RH[a:a + n])
+            back = _a2a_start(gx_RD.index_select(0, ch.restore), ch.in_splits, ch.out_splits, group)
+            if pending is not None:
+                gather_back(*pending)
+            pending = (c, *back)
+        if pending is not None:
+            gather_back(*pending)
+        return gx_TD, gw1, gw2, gw_N, None, None, None, None
+
+
+def expert_parallel_moe(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group):
+    return ExpertParallelMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group)
