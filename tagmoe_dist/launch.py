@@ -188,7 +188,8 @@ def from_ompi(env: Mapping[str, str], comm=None) -> LaunchInfo:
     world = _int(env, fix, "OMPI_COMM_WORLD_SIZE")
     local_world = _int(env, fix, "OMPI_COMM_WORLD_LOCAL_SIZE")
     if comm is not None and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
-        addr, port = (lambda i: (i.master_addr, i.master_port))(from_mpi4py(comm, env))
+        master = from_mpi4py(comm, env)
+        addr, port = master.master_addr, master.master_port
     elif local_world == world or env.get("MASTER_ADDR"):
         job = env.get("PMIX_NAMESPACE") or env.get("OMPI_MCA_ess_base_jobid") or "0"
         addr = env.get("MASTER_ADDR") or "127.0.0.1"
@@ -216,6 +217,14 @@ def from_mpi4py(comm, env: Mapping[str, str]) -> LaunchInfo:
                       addr, port, "mpi4py")
 
 
+def _comm_world():
+    try:
+        from mpi4py import MPI  # initializes MPI, so only imported for MPI launches
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
 def detect_launcher(env: Mapping[str, str]) -> str:
     """The precedence rules of the module docstring, as a pure function of the environment."""
     if "RANK" in env or "WORLD_SIZE" in env:
@@ -236,16 +245,13 @@ def discover(env: Mapping[str, str] | None = None, launcher: str = "auto") -> La
         return from_torchrun(env)
     if launcher == "slurm":
         return from_slurm(env)
-    if launcher in ("ompi", "mpi4py"):
-        try:
-            from mpi4py import MPI  # initializes MPI, so only imported for MPI launches
-        except ImportError as e:
-            if launcher == "ompi":
-                return from_ompi(env, comm=None)
-            raise ValueError(f"MPI launch detected but mpi4py is not importable ({e}); "
-                             "pip install mpi4py, or launch with torchrun/srun") from None
-        return from_ompi(env, MPI.COMM_WORLD) if launcher == "ompi" else from_mpi4py(
-            MPI.COMM_WORLD, env)
+    if launcher == "ompi":
+        return from_ompi(env, _comm_world())
+    if launcher == "mpi4py":
+        if (comm := _comm_world()) is None:
+            raise ValueError("MPI launch detected (PMIX_RANK/PMI_RANK) but mpi4py is not "
+                             "importable; pip install mpi4py, or launch with torchrun/srun")
+        return from_mpi4py(comm, env)
     return LaunchInfo(0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1",
                       _int(env, "use a free TCP port", "MASTER_PORT", default=free_port()),
                       "single")
@@ -283,27 +289,33 @@ def extension_roots(env: Mapping[str, str] | None = None) -> list[Path]:
     return [Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"]
 
 
-def _scan_processes() -> tuple[set[str], bool]:
-    """(paths held open by local processes we may inspect, whether ninja/a compiler runs)."""
-    held, building = set(), False
+def _scan_processes() -> tuple[set[str], set[str]]:
+    """(paths held open by local processes, working dirs of local ninja/compiler processes;
+    torch runs ninja in the build dir; "?" stands for a build whose dir we cannot read)."""
+    held, building = set(), set()
     for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
         try:
-            building |= Path(f"/proc/{pid}/comm").read_text().strip() in BUILD_PROCESSES
+            if Path(f"/proc/{pid}/comm").read_text().strip() in BUILD_PROCESSES:
+                building.add(_readlink(f"/proc/{pid}/cwd") or "?")
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue  # exited, or not ours to read
-        for fd in fds:
-            try:
-                held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            except OSError:
-                pass
+        held.update(filter(None, (_readlink(f"/proc/{pid}/fd/{fd}") for fd in fds)))
     return held, building
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def find_stale_extension_locks(max_age_s: float = 300.0,
                                roots: list[Path] | None = None) -> list[Path]:
     """`lock` files (torch's FileBaton; the building process holds it open) that no local process
-    holds, in a build dir unwritten for max_age_s, while no ninja/compiler runs here."""
+    holds, in a build dir unwritten for max_age_s, with no ninja/compiler running in that dir.
+    Builds on other hosts sharing the directory are only seen through the age."""
     locks = [p for root in map(Path, roots or extension_roots()) if root.is_dir()
              for p in root.glob("**/lock") if len(p.relative_to(root).parts) <= 3]
     if not locks:
@@ -315,7 +327,9 @@ def find_stale_extension_locks(max_age_s: float = 300.0,
             idle_s = time.time() - max(p.stat().st_mtime for p in [lock, *lock.parent.iterdir()])
         except OSError:
             continue  # removed while we looked: the build finished
-        if idle_s >= max_age_s and not building and str(lock.resolve()) not in held:
+        here = str(lock.parent.resolve())
+        if (idle_s >= max_age_s and str(lock.resolve()) not in held
+                and not building & {here, "?"}):
             stale.append(lock)
     return stale
 
@@ -329,8 +343,8 @@ def check_extension_locks(remove: bool = False, max_age_s: float = 300.0,
         raise RuntimeError(
             f"stale PyTorch extension build lock(s) left by a killed build:\n  {names}\n"
             "every later JIT op build (DeepSpeed ops) waits on them forever. Fix: delete the "
-            "file(s), or call check_extension_locks(remove=True), or set TORCH_EXTENSIONS_DIR "
-            "to a fresh directory.")
+            "file(s), or call check_extension_locks(remove=True) (CLI: --remove-stale-locks), "
+            "or set TORCH_EXTENSIONS_DIR to a fresh directory.")
     for lock in stale:
         lock.unlink(missing_ok=True)
     return stale

@@ -96,10 +96,11 @@ class MoELayer(nn.Module):
         route = self.router(x_TD, sample_idx_T, num_samples, task_BN)
         if self.groups.ep_size == 1:
             y_TD = self.dispatcher.local(x_TD, route, self.experts)
-        else:
-            y_TD = self.dispatcher.expert_parallel(x_TD, route, self.experts, self.cfg.overlap_chunks)
-        if self.shared_expert is not None:
-            y_TD = y_TD + self.shared_expert(x_TD)
+            if self.shared_expert is not None:
+                y_TD = y_TD + self.shared_expert(x_TD)
+        else:  # the shared expert runs inside, while the first tokens travel
+            y_TD = self.dispatcher.expert_parallel(x_TD, route, self.experts,
+                                                   self.cfg.overlap_chunks, self.shared_expert)
 
         y_TD = self._add_losses(y_TD, route, sample_idx_T, num_samples, task_BN)
         return y_TD.view(x.shape)

@@ -60,9 +60,10 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------ EP > 1
     def expert_parallel(self, x_TD: torch.Tensor, route: RouterOutput, experts,
-                        overlap_chunks="auto") -> torch.Tensor:
+                        overlap_chunks="auto", shared=None) -> torch.Tensor:
         """All-to-all dispatch -> local experts -> all-to-all combine, in chunks
-        (dispatch/overlap.py). `overlap_chunks`: a count, or "auto"."""
+        (dispatch/overlap.py). `overlap_chunks`: a count, or "auto". `shared`: the shared expert,
+        run while the first chunk is in flight; its output is included in the result."""
         S, L, group = self.ep_size, self.num_local, self.groups.ep_group
         token_N, w_N, counts_E = self._sorted_rows(x_TD, route)
         # One exchange carries the per-expert counts and each sender's row total; the totals let
@@ -76,4 +77,4 @@ class AllToAllDispatcher:
             overlap_chunks = min(MAX_AUTO_CHUNKS, max(2, math.ceil(max_rows / per)))
         chunks = plan_chunks(counts_E.cpu(), recv_SL, overlap_chunks, device=x_TD.device)
         return expert_parallel_moe(x_TD, experts.w1, experts.w2, w_N, token_N, chunks,
-                                   experts.act, group)
+                                   experts.act, group, shared)

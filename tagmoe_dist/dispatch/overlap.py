@@ -22,7 +22,7 @@ of the calling thread.
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -74,9 +74,9 @@ def plan_chunks(counts_E: torch.Tensor, recv_SL: torch.Tensor, num_chunks: int,
 
 class ExpertParallelMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks: List[_Chunk], act: Callable, group):
+    def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks: List[_Chunk], act: Callable, group,
+                shared: Optional[Callable]):
         T, D = x_TD.shape
-        y_TD = x_TD.new_zeros(T, D)
         saved_x, saved_h, saved_out = [], [], []
 
         def dispatch(c):
@@ -91,6 +91,16 @@ class ExpertParallelMoE(torch.autograd.Function):
             saved_out.append(back_ND)
 
         inflight = {0: dispatch(0)} if chunks else {}
+        # The shared expert needs no exchange: run it while the first chunk travels. Its graph is
+        # built here and back-propagated inside backward(), again while tokens travel.
+        shared_in = shared_out = None
+        if shared is not None:
+            with torch.enable_grad():
+                shared_in = x_TD.detach().requires_grad_(True)
+                shared_out = shared(shared_in)
+            y_TD = shared_out.detach().clone()
+        else:
+            y_TD = x_TD.new_zeros(T, D)
         pending = None
         for c, ch in enumerate(chunks):
             if c + 1 < len(chunks):
@@ -115,6 +125,7 @@ class ExpertParallelMoE(torch.autograd.Function):
             scatter(*pending)
         ctx.save_for_backward(w1_LDH, w2_LFD, w_N, token_N, *saved_x, *saved_h, *saved_out)
         ctx.chunks, ctx.act, ctx.group, ctx.T = chunks, act, group, T
+        ctx.shared = (shared_in, shared_out)
         return y_TD
 
     @staticmethod
@@ -141,6 +152,12 @@ class ExpertParallelMoE(torch.autograd.Function):
             gx_TD.index_add_(0, token_N.index_select(0, chunks[c].send_rows), g_ND)
 
         inflight = {0: send_grad(0)} if chunks else {}
+        shared_in, shared_out = ctx.shared
+        if shared_out is not None:
+            # reentrant backward of the shared expert's own graph, while chunk 0's grads travel
+            torch.autograd.backward(shared_out, gy_TD)
+            gx_TD += shared_in.grad
+            ctx.shared = (None, None)
         pending = None
         for c, ch in enumerate(chunks):
             if c + 1 < C:
@@ -167,8 +184,9 @@ class ExpertParallelMoE(torch.autograd.Function):
             pending = (c, *back)
         if pending is not None:
             gather_back(*pending)
-        return gx_TD, gw1, gw2, gw_N, None, None, None, None
+        return gx_TD, gw1, gw2, gw_N, None, None, None, None, None
 
 
-def expert_parallel_moe(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group):
-    return ExpertParallelMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group)
+def expert_parallel_moe(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared=None):
+    """Routed experts (+ the shared expert, if given, overlapped with the first exchange)."""
+    return ExpertParallelMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared)

@@ -1,0 +1,13 @@
+"""Router comparisons on the built-in multi-task workloads (dense vs top-k MoE vs TAG-MoE).
+
+- `workloads`: the text (GPT) and image (DiT, flow matching) workloads and their variant configs.
+- `compare`: the training / evaluation loop (`Budget`, `train_run`, `compare`, `RunResult`).
+- `summary`: markdown tables of per-task losses, worst task, mutual information.
+- `report`: routing report of one checkpoint (heat maps, entropy, load over time, MI).
+"""
+
+from tagmoe_dist.benchmark.compare import Budget, RunResult, compare, evaluate, train_run
+from tagmoe_dist.benchmark.workloads import VARIANTS, Workload, get_workload, load_model_config
+
+__all__ = ["Budget", "RunResult", "VARIANTS", "Workload", "compare", "evaluate", "get_workload",
+           "load_model_config", "train_run"]

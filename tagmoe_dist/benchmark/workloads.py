@@ -1,0 +1,169 @@
+"""The two built-in multi-task workloads of the router comparison: what a batch is, how a model is
+built from a config, and what its per-sample loss is. Everything the training loop needs to stay
+workload-agnostic, nothing more.
+
+  text   tagmoe_dist.data.synthetic (copy / reverse / sort / shift / add) on a GPT; per-sample loss
+         = mean cross-entropy over the answer tokens.
+  image  tagmoe_dist.data.images (generate / recolour / move / remove / inpaint) on a DiT; per-sample
+         loss = flow-matching MSE. Training noise and t are drawn per (seed, step), outside the
+         model, so every variant sees the same; evaluation uses a fixed t grid and fixed noise.
+
+Both workloads build their training batches for a seed once (`train_batches`), and every variant
+of that seed trains on exactly those tensors in exactly that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import yaml
+
+from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits, text_task_schema
+from tagmoe_dist.data.images import (IMAGE_TASK_NAMES, ImageTaskCollator, ImageTasks,
+                                     image_eval_splits, image_task_schema)
+from tagmoe_dist.data.synthetic import TASK_NAMES
+from tagmoe_dist.models.dit import DiT, DiTConfig, flow_matching_loss
+from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
+from tagmoe_dist.tasks import TaskSchema
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = ("dense", "topk", "tag")
+EVAL_SEED = 0           # eval sets are the same for every training seed: spread = training seeds
+
+
+def load_model_config(path) -> "GPTConfig | DiTConfig":
+    """A GPT or DiT config from YAML (a DiT config has `image_size`)."""
+    with open(path, encoding="utf-8") as f:
+        d = yaml.safe_load(f)
+    cls = DiTConfig if isinstance(d, dict) and "image_size" in d else GPTConfig
+    try:
+        return cls.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def build_model(cfg, schema: Optional[TaskSchema] = None) -> torch.nn.Module:
+    return (DiT if isinstance(cfg, DiTConfig) else GPT)(cfg, task_schema=schema)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One multi-task workload; `configs` maps each variant to its model YAML."""
+
+    name: str
+    task_names: tuple
+    schema: TaskSchema
+    configs: Dict[str, str]
+    make_train: Callable[[int, int, int], List[dict]]          # (seed, steps, batch) -> batches
+    make_eval: Callable[[int, int], List[dict]]                # (per task, batch) -> batches
+    per_sample_loss: Callable[[torch.nn.Module, dict], torch.Tensor]
+    token_mask: Callable[[dict], Optional[torch.Tensor]]       # [B, S] real tokens, or None = all
+
+    def config(self, variant: str):
+        if variant not in self.configs:
+            raise ValueError(f"unknown variant {variant!r} of workload {self.name!r}; choose from "
+                             f"{sorted(self.configs)}")
+        path = Path(self.configs[variant])
+        return load_model_config(path if path.is_absolute() else REPO_ROOT / path)
+
+    def build(self, cfg) -> torch.nn.Module:
+        return build_model(cfg, self.schema)
+
+    def train_batches(self, seed: int, steps: int, batch_size: int) -> List[dict]:
+        return self.make_train(seed, steps, batch_size)
+
+    def eval_batches(self, per_task: int, batch_size: int) -> List[dict]:
+        return self.make_eval(per_task, batch_size)
+
+
+def _chunks(n: int, size: int):
+    for a in range(0, n, size):
+        yield range(a, min(n, a + size))
+
+
+# ---------------------------------------------------------------------- text
+TEXT_DATA = dict(seq_len=32, max_len=8, max_digits=3)     # 27 tokens at most: fits seq_len 32
+
+
+def _text_train(seed: int, steps: int, batch: int) -> List[dict]:
+    ds = SyntheticTextTasks(steps * batch, seed=seed, **TEXT_DATA)
+    collate = TaskCollator(ds.schema)
+    return [collate([ds[i] for i in idx]) for idx in _chunks(steps * batch, batch)]
+
+
+def _text_eval(per_task: int, batch: int) -> List[dict]:
+    out = []
+    for ds in eval_splits(per_task, seed=EVAL_SEED, **TEXT_DATA).values():
+        collate = TaskCollator(ds.schema)
+        out += [collate([ds[i] for i in idx]) for idx in _chunks(len(ds), batch)]
+    return out
+
+
+def _text_loss(model, batch) -> torch.Tensor:
+    logits = model(batch["input_ids"], task=batch["task_multi_hot"])
+    return lm_loss(logits, batch["labels"], per_sample=True)
+
+
+def text_workload(configs: Optional[Dict[str, str]] = None) -> Workload:
+    return Workload("text", tuple(TASK_NAMES), text_task_schema(),
+                    configs or {v: f"configs/models/cmp_text_{v}.yaml" for v in VARIANTS},
+                    _text_train, _text_eval, _text_loss, lambda b: b["attention_mask"])
+
+
+# ---------------------------------------------------------------------- image
+IMAGE_DATA = dict(image_size=16)
+EVAL_T_GRID = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def _with_noise(batch: dict, gen: torch.Generator, t: Optional[float] = None) -> dict:
+    B = batch["target"].shape[0]
+    batch = dict(batch)
+    batch["noise"] = torch.randn(batch["target"].shape, generator=gen)
+    batch["t"] = torch.rand(B, generator=gen) if t is None else torch.full((B,), t)
+    return batch
+
+
+def _image_train(seed: int, steps: int, batch: int) -> List[dict]:
+    ds = ImageTasks(steps * batch, seed=seed, **IMAGE_DATA)
+    collate = ImageTaskCollator(ds.schema)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return [_with_noise(collate([ds[i] for i in idx]), gen) for idx in _chunks(steps * batch, batch)]
+
+
+def _image_eval(per_task: int, batch: int) -> List[dict]:
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    out = []
+    for ds in image_eval_splits(per_task, seed=EVAL_SEED, **IMAGE_DATA).values():
+        collate = ImageTaskCollator(ds.schema)
+        for idx in _chunks(len(ds), batch):
+            b = collate([ds[i] for i in idx])
+            out += [_with_noise(b, gen, t) for t in EVAL_T_GRID]
+    return out
+
+
+def _image_loss(model, batch) -> torch.Tensor:
+    return flow_matching_loss(model, batch["target"], batch["source"], batch["instruction"],
+                              batch["noise"], batch["t"], task=batch["task_multi_hot"],
+                              per_sample=True)
+
+
+def image_workload(configs: Optional[Dict[str, str]] = None) -> Workload:
+    return Workload("image", tuple(IMAGE_TASK_NAMES), image_task_schema(),
+                    configs or {v: f"configs/models/dit_{v}.yaml" for v in VARIANTS},
+                    _image_train, _image_eval, _image_loss, lambda b: None)
+
+
+WORKLOADS = {"text": text_workload, "image": image_workload}
+
+
+def get_workload(name: str, configs: Optional[Dict[str, str]] = None) -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+    return WORKLOADS[name](configs)
+
+
+def task_names_of(cfg) -> Sequence[str]:
+    return IMAGE_TASK_NAMES if isinstance(cfg, DiTConfig) else TASK_NAMES

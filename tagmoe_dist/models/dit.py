@@ -1,0 +1,350 @@
+"""A small diffusion transformer (DiT) for image generation and editing, with MoE or dense FFNs,
+trained by flow matching (rectified flow).
+
+Notation: B batch, C image channels, H W image size, p patch size, S = (H/p)(W/p) tokens,
+D d_model, L instruction length, E experts, N tags.
+
+Layout (DiT with adaLN-Zero, instruction-conditioned like InstructPix2Pix):
+  tokens   patchify(concat(x_t, source) over channels) -> linear -> + learned positions   [B, S, D]
+  cond     c = MLP(sinusoid(t)) + sum over slots l of Embed_l(instruction[:, l])       [B, D]
+  blocks   x += gate1(c) * attn(modulate(norm(x), c)); x += gate2(c) * ffn(modulate(norm(x), c))
+  out      modulate(norm(x), c) -> linear (zero-init) -> unpatchify: the velocity  [B, C, H, W]
+Block i has an MoE FFN iff (i + 1) % moe_every == 0, as in gpt.py; a dense FFN is
+`top_k * ffn_hidden_size (+ shared)` wide, so every variant has the same active parameters.
+
+Flow matching: x_t = (1 - t) x0 + t noise, t in [0, 1]; the model predicts v = noise - x0 and
+sampling integrates dx/dt = v from t = 1 (noise) to t = 0 (image) with Euler steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from tagmoe_dist.config import MoEConfig
+from tagmoe_dist.experts import DenseMLP
+from tagmoe_dist.gating.losses import AuxLossAutoScaler
+from tagmoe_dist.gating.task_aware import TaskAlignment
+from tagmoe_dist.layer import MoELayer
+from tagmoe_dist.parallel import ParallelGroups
+from tagmoe_dist.tasks import TaskSchema
+
+ARCHS = ("moe", "dense")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """A YAML file in configs/models/dit_*.yaml (`from_yaml`). `moe` is validated as an MoEConfig
+    at construction; `train` is carried along for the trainer and never read here."""
+
+    image_size: int
+    patch_size: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    moe: Mapping[str, Any]                    # MoEConfig fields except hidden_size (= d_model)
+    in_channels: int = 3
+    instruction_vocab: int = 19               # tagmoe_dist.data.images.INSTRUCTION_VOCAB
+    instruction_len: int = 3
+    moe_every: int = 1                        # 0 = no MoE (same as arch: dense)
+    arch: str = "moe"                         # moe | dense
+    task_schema: Optional[str] = None         # YAML path (relative: to cwd, then the repo root)
+    train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for f in ("image_size", "patch_size", "n_layer", "n_head", "d_model", "in_channels",
+                  "instruction_vocab", "instruction_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"DiTConfig.{f} must be a positive integer, got {v!r}")
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(f"DiTConfig.image_size={self.image_size} is not divisible by "
+                             f"patch_size={self.patch_size}")
+        if self.d_model % self.n_head != 0:
+            raise ValueError(f"DiTConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"DiTConfig.arch={self.arch!r} is not supported; choose one of {list(ARCHS)}")
+        if not isinstance(self.moe_every, int) or not 0 <= self.moe_every <= self.n_layer:
+            raise ValueError(f"DiTConfig.moe_every must be an integer in 0..n_layer={self.n_layer}, "
+                             f"got {self.moe_every!r}")
+        if not isinstance(self.moe, Mapping):
+            raise ValueError("DiTConfig.moe must be a mapping of MoEConfig fields, e.g. "
+                             "{ffn_hidden_size: 64, num_experts: 8, top_k: 2}")
+        if "hidden_size" in self.moe and self.moe["hidden_size"] != self.d_model:
+            raise ValueError(f"DiTConfig.moe.hidden_size={self.moe['hidden_size']} differs from "
+                             f"d_model={self.d_model}; leave it out")
+        if self.moe.get("input_layout", "bsh") != "bsh":
+            raise ValueError("DiTConfig.moe.input_layout must be 'bsh' (the DiT feeds [B, S, D])")
+        try:
+            self.moe_config
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"DiTConfig.moe: {e}") from e
+
+    @property
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig.from_dict({**self.moe, "hidden_size": self.d_model})
+
+    @property
+    def is_dense(self) -> bool:
+        return self.arch == "dense" or self.moe_every == 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return not self.is_dense and (i + 1) % self.moe_every == 0
+
+    @property
+    def dense_ffn_size(self) -> int:
+        m = self.moe_config
+        return m.top_k * m.ffn_hidden_size + m.shared_ffn_size
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def load_task_schema(self) -> Optional[TaskSchema]:
+        if self.task_schema is None:
+            return None
+        path = Path(self.task_schema)
+        if not path.is_absolute() and not path.exists():
+            path = _REPO_ROOT / path
+        return TaskSchema.from_yaml(path)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["moe"], d["train"] = dict(self.moe), dict(self.train)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DiTConfig":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"DiTConfig: expected a mapping of fields, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown DiTConfig field(s) {unknown}; valid fields: {sorted(fields)}")
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and n not in d]
+        if missing:
+            raise ValueError(f"DiTConfig: missing required field(s) {missing}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path) -> "DiTConfig":
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+def timestep_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled by 1000, as DiT's integer timesteps): [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t_B.device) / half)
+    args_BH = 1000.0 * t_B.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args_BH), torch.sin(args_BH)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _modulate(x_BSD, shift_BD, scale_BD):
+    return x_BSD * (1 + scale_BD[:, None]) + shift_BD[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, std: float):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        nn.init.normal_(self.qkv.weight, std=std)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.normal_(self.proj.weight, std=std)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).split(D, dim=-1)
+        q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y_BHSd = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y_BHSd.transpose(1, 2).reshape(B, S, D))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig, index: int, groups: ParallelGroups,
+                 schema: Optional[TaskSchema], alignment: Optional[TaskAlignment]):
+        super().__init__()
+        m, D = cfg.moe_config, cfg.d_model
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(D, cfg.n_head, m.init_std)
+        if cfg.is_moe_layer(index):
+            self.ffn = MoELayer(m, groups=groups, task_schema=schema, alignment=alignment)
+        else:
+            self.ffn = DenseMLP(D, cfg.dense_ffn_size, m.activation, m.init_std)
+        # adaLN-Zero: shift/scale/gate of both sublayers from c, zero-initialised (identity block)
+        self.ada = nn.Linear(D, 6 * D)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x_BSD, c_BD, task):
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c_BD)).chunk(6, dim=-1)
+        x_BSD = x_BSD + g1[:, None] * self.attn(_modulate(self.norm1(x_BSD), sh1, sc1))
+        h_BSD = _modulate(self.norm2(x_BSD), sh2, sc2)
+        y_BSD = self.ffn(h_BSD, task=task) if isinstance(self.ffn, MoELayer) else self.ffn(h_BSD)
+        return x_BSD + g2[:, None] * y_BSD
+
+
+class DiT(nn.Module):
+    """`forward(x_t, t, source, instruction, task=None) -> velocity` (shape of x_t).
+
+    x_t, source: float [B, C, H, W]; t: float [B] in [0, 1]; instruction: LongTensor [B, L];
+    task: LongTensor [B, levels] or multi-hot [B, N], read by task-aware routers only (training:
+    the alignment loss), ignored by top-k and dense models.
+    With router='task_aware' the model owns ONE TaskAlignment that every MoE layer feeds; its loss
+    is attached once after the last block, exactly as in gpt.py.
+    """
+
+    def __init__(self, cfg: DiTConfig, groups: Optional[ParallelGroups] = None,
+                 task_schema: Optional[TaskSchema] = None):
+        super().__init__()
+        groups = groups or ParallelGroups.single()
+        self.cfg, self.groups = cfg, groups
+        moe_cfg = cfg.moe_config
+        has_moe = not cfg.is_dense
+        self.uses_tasks = has_moe and moe_cfg.uses_tasks
+        if self.uses_tasks and task_schema is None:
+            task_schema = cfg.load_task_schema()
+            if task_schema is None:
+                raise ValueError(f"DiTConfig.moe.router={moe_cfg.router!r} needs a task schema: set "
+                                 "DiTConfig.task_schema (a YAML path) or pass task_schema=")
+        self.task_schema = task_schema if self.uses_tasks else None
+        self.alignment = (TaskAlignment(moe_cfg, task_schema)
+                          if has_moe and moe_cfg.router == "task_aware" else None)
+
+        D, p, C, std = cfg.d_model, cfg.patch_size, cfg.in_channels, moe_cfg.init_std
+        self.patch_in = nn.Linear(2 * C * p * p, D)          # noisy image and source, per patch
+        self.pos = nn.Parameter(torch.randn(cfg.num_tokens, D) * std)
+        self.t_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.instr = nn.Parameter(torch.randn(cfg.instruction_len, cfg.instruction_vocab, D) * std)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, i, groups, self.task_schema, self.alignment)
+                                    for i in range(cfg.n_layer))
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(D, 2 * D)
+        self.patch_out = nn.Linear(D, C * p * p)
+        for lin in (self.ada_out, self.patch_out):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.aux_loss_scale = 1.0
+        self.last_align: Dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ patches
+    def patchify(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = img_BCHW.shape
+        p = self.cfg.patch_size
+        x = img_BCHW.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def unpatchify(self, x_BSP: torch.Tensor) -> torch.Tensor:
+        B, p, C, n = x_BSP.shape[0], self.cfg.patch_size, self.cfg.in_channels, \
+            self.cfg.image_size // self.cfg.patch_size
+        x = x_BSP.reshape(B, n, n, C, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(B, C, n * p, n * p)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, source: torch.Tensor,
+                instruction: torch.Tensor, task: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cfg = self.cfg
+        want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if tuple(x_t.shape[1:]) != want or x_t.shape != source.shape:
+            raise ValueError(f"DiT: x_t {tuple(x_t.shape)} and source {tuple(source.shape)} must both "
+                             f"be [B, {want[0]}, {want[1]}, {want[2]}]")
+        if instruction.shape != (x_t.shape[0], cfg.instruction_len):
+            raise ValueError(f"DiT: instruction must be LongTensor [B, {cfg.instruction_len}], got "
+                             f"{tuple(instruction.shape)}")
+        task = task if self.uses_tasks else None
+        x_BSD = self.patch_in(self.patchify(torch.cat([x_t, source], dim=1))) + self.pos
+        slots_L = torch.arange(cfg.instruction_len, device=instruction.device)
+        c_BD = self.t_mlp(timestep_embedding(t, cfg.d_model)) + self.instr[slots_L, instruction].sum(1)
+        for block in self.blocks:
+            x_BSD = block(x_BSD, c_BD, task)
+        x_BSD = self._attach_alignment(x_BSD)
+        shift_BD, scale_BD = self.ada_out(F.silu(c_BD)).chunk(2, dim=-1)
+        return self.unpatchify(self.patch_out(_modulate(self.norm_out(x_BSD), shift_BD, scale_BD)))
+
+    def _attach_alignment(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        # Same contract as GPT._attach_alignment: one loss pooled over all MoE layers.
+        self.last_align = {}
+        if self.alignment is None:
+            return x_BSD
+        loss, acc = self.alignment.finish()     # always: it also resets the pool for next forward
+        if loss is None:
+            return x_BSD
+        self.last_align = {"loss": loss.detach(), "acc": acc}
+        if torch.is_grad_enabled():
+            x_BSD = AuxLossAutoScaler.apply(x_BSD, self.alignment.cfg.align_loss_coeff * loss,
+                                            self.aux_loss_scale)
+        return x_BSD
+
+    # ------------------------------------------------------------------ helpers
+    def moe_layers(self) -> List[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        self.aux_loss_scale = scale
+        for layer in self.moe_layers():
+            layer.aux_loss_scale = scale
+
+    def num_params(self, active_only: bool = False) -> int:
+        """Global parameter count, as GPT.num_params: with active_only, top_k/E of each MoE
+        layer's experts and no routing parameters (routers, alignment head), so the dense variant
+        (FFN width top_k * ffn_hidden_size) has exactly the active count of the MoE ones."""
+        routing = {id(p) for layer in self.moe_layers() for p in layer.router.parameters()}
+        if self.alignment is not None:
+            routing |= {id(p) for p in self.alignment.parameters()}
+        expert_share = {}
+        for layer in self.moe_layers():
+            frac = layer.cfg.top_k / layer.cfg.num_experts if active_only else 1.0
+            for p in layer.experts.parameters():
+                expert_share[id(p)] = frac * self.groups.ep_size
+        total = 0.0
+        for p in self.parameters():
+            if active_only and id(p) in routing:
+                continue
+            total += p.numel() * expert_share.get(id(p), 1.0)
+        return int(round(total))
+
+
+def flow_matching_loss(model: DiT, target: torch.Tensor, source: torch.Tensor,
+                       instruction: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                       task: Optional[torch.Tensor] = None, per_sample: bool = False) -> torch.Tensor:
+    """Rectified-flow loss: MSE between model(x_t) and v = noise - target, x_t = (1-t) target + t noise.
+
+    noise [B, C, H, W] and t [B] are passed in (not drawn here) so that a caller can fix them:
+    the same noise and t for every model variant in training, a fixed grid for evaluation.
+    per_sample=True returns [B] (mean over pixels), else the batch mean.
+    """
+    t4 = t.to(target.dtype)[:, None, None, None]
+    x_t = (1 - t4) * target + t4 * noise
+    err = (model(x_t, t, source, instruction, task=task) - (noise - target)).square()
+    per_B = err.flatten(1).mean(1)
+    return per_B if per_sample else per_B.mean()
+
+
+@torch.no_grad()
+def sample(model: DiT, source: torch.Tensor, instruction: torch.Tensor, steps: int = 20,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Euler integration of the learned flow from noise (t=1) to an image (t=0): [B, C, H, W]."""
+    x = torch.randn(source.shape, generator=generator).to(source)
+    ts = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        t_B = torch.full((source.shape[0],), float(ts[i]), device=source.device)
+        x = x + (ts[i + 1] - ts[i]) * model(x, t_B, source, instruction)
+    return x.clamp(-1, 1)
