@@ -8,7 +8,8 @@ Why fused and chunked: the unfused pipeline materialises [N, D] copies of the in
 by mmap and page-fault on every step, which cost more than the matmuls of fine-grained experts.
 Here each chunk of C rows is gathered, pushed through its experts, scaled by its combine weight
 in the narrow F space and scattered back; the backward walks the same chunks and accumulates the
-expert gradients in place. Only the pre-activations [N, H] are kept for backward.
+expert gradients in place. The gathered inputs [N, D] and pre-activations [N, H] are kept for
+backward, as any implementation keeps its dispatched tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class LocalMoE(torch.autograd.Function):
         T, D = x_TD.shape
         y_TD = x_TD.new_zeros(T, D)
         chunks = row_chunks(counts, max_rows)
-        saved_h = []
+        saved_h, saved_x = [], []
         for start, stop, cc in chunks:
             tok_C = token_N[start:stop]
             x_CD = x_TD.index_select(0, tok_C)
@@ -44,25 +45,27 @@ class LocalMoE(torch.autograd.Function):
             for l, a, n in _pieces(cc, start):
                 torch.mm(x_CD[a:a + n], w1_LDH[l], out=h_CH[a:a + n])
             s_CF = act(h_CH) * w_N[start:stop, None]        # combine weight applied in F space
-            y_CD = x_CD                                     # reuse the gathered buffer
+            y_CD = torch.empty_like(x_CD)
             for l, a, n in _pieces(cc, start):
                 torch.mm(s_CF[a:a + n], w2_LFD[l], out=y_CD[a:a + n])
             y_TD.index_add_(0, tok_C, y_CD)
             saved_h.append(h_CH)
-        ctx.save_for_backward(x_TD, w1_LDH, w2_LFD, w_N, token_N, *saved_h)
+            saved_x.append(x_CD)    # kept: gathering it again in backward costs more than it saves
+        ctx.save_for_backward(x_TD, w1_LDH, w2_LFD, w_N, token_N, *saved_h, *saved_x)
         ctx.chunks, ctx.act = chunks, act
         return y_TD
 
     @staticmethod
     def backward(ctx, gy_TD):
-        x_TD, w1_LDH, w2_LFD, w_N, token_N, *saved_h = ctx.saved_tensors
+        x_TD, w1_LDH, w2_LFD, w_N, token_N, *saved = ctx.saved_tensors
+        saved_h, saved_x = saved[:len(ctx.chunks)], saved[len(ctx.chunks):]
         act = ctx.act
         gy_TD = gy_TD.contiguous()
         gx_TD = torch.zeros_like(x_TD)
         gw1 = torch.zeros_like(w1_LDH)
         gw2 = torch.zeros_like(w2_LFD)
         gw_N = torch.empty_like(w_N)
-        for (start, stop, cc), h_CH in zip(ctx.chunks, saved_h):
+        for (start, stop, cc), h_CH, x_CD in zip(ctx.chunks, saved_h, saved_x):
             tok_C = token_N[start:stop]
             gy_CD = gy_TD.index_select(0, tok_C)
             with torch.enable_grad():
@@ -76,7 +79,6 @@ class LocalMoE(torch.autograd.Function):
                 gw2[l].addmm_(s_CF[a:a + n].t(), gy_CD[a:a + n])
             gw_N[start:stop] = (gs_CF * a_CF.detach()).sum(1)
             (gh_CH,) = torch.autograd.grad(a_CF, h_leaf, gs_CF * w_C1)
-            x_CD = x_TD.index_select(0, tok_C)
             gx_CD = gy_CD                                   # reuse the gathered buffer
             for l, a, n in _pieces(cc, start):
                 torch.mm(gh_CH[a:a + n], w1_LDH[l].t(), out=gx_CD[a:a + n])
