@@ -47,7 +47,7 @@ def reference_forward(cfg, p, x_BSD, task_BN=None):
     # selection: highest score first, ties to the lower expert id
     sel = []
     for t in range(T):
-        order = sorted(range(E), key=lambda e: (-float(scores[t, e]), e))
+        order = sorted(range(E), key=lambda e: (-float(scores[t, e].detach()), e))
         sel.append(order[:K])
     weights = []
     for t in range(T):
@@ -62,7 +62,7 @@ def reference_forward(cfg, p, x_BSD, task_BN=None):
         for e in range(E):
             choices = [(t, k) for t in range(T) for k in range(K) if sel[t][k] == e]
             if cfg.drop_policy == "probs":
-                choices.sort(key=lambda tk: (-float(scores[tk[0], sel[tk[0]][tk[1]]]), tk[0] * K + tk[1]))
+                choices.sort(key=lambda tk: (-float(scores[tk[0], sel[tk[0]][tk[1]]].detach()), tk[0] * K + tk[1]))
             for i, (t, k) in enumerate(choices):
                 keep[t][k] = i < cap
 

@@ -75,7 +75,8 @@ class MetricLogger:
         self.seconds += seconds
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}",
+                                 refresh=False)
         if log:
             self._flush(step + 1)
 
