@@ -206,3 +206,15 @@ def test_expert_bias_moves_towards_underloaded():
         layer.update_expert_bias()
     assert int((total > 0).sum()) >= 3, total
     assert float(total.max() / total.sum()) < 0.8, total
+
+
+def test_input_jitter_only_in_training():
+    torch.manual_seed(0)
+    layer = tm.MoELayer(cfg(input_jitter=0.2))
+    x = torch.randn(2, 8, 16)
+    layer.eval()
+    a, b = layer(x), layer(x)
+    torch.testing.assert_close(a, b)                 # no noise at evaluation
+    layer.train()
+    logits = [layer.router.compute_logits(x.reshape(-1, 16), None, None) for _ in range(2)]
+    assert not torch.equal(logits[0], logits[1])      # multiplicative noise while training
