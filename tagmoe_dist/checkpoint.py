@@ -76,7 +76,7 @@ def _expert_files(tag_dir: Path) -> Dict[int, Dict[int, Path]]:
     return files
 
 
-def _stacked_name(key: str, m: "re.Match") -> str:
+def _stacked_name(m: "re.Match") -> str:
     # Our container (w1/w2): MoELayer.full_state_dict()'s naming. Anything else (DeepSpeed's
     # native experts): the ModuleList level `deepspeed_experts.<id>` becomes the stacked dim 0.
     if m.group(3) in ("w1", "w2"):
@@ -130,7 +130,7 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
                 if m is None or int(m.group(2)) != e:
                     raise ValueError(f"{have[e]}: unexpected key {key!r} (expected "
                                      f"'<prefix>.deepspeed_moe.experts.deepspeed_experts.{e}.<name>')")
-                stacks[_stacked_name(key, m)].append(_fp32(t))
+                stacks[_stacked_name(m)].append(_fp32(t))
         for name, parts in stacks.items():
             if len(parts) != E:
                 raise ValueError(f"{tag_dir}: MoE layer {layer}: {name} is present in "

@@ -80,12 +80,12 @@ def load_ds_config(path: str, train: Dict[str, Any], world: int) -> Dict[str, An
     except json.JSONDecodeError as e:
         raise ValueError(f"--deepspeed_config {path}: invalid JSON: {e}") from None
     from tagmoe_dist.integrations.deepspeed import check_zero_stage
-    check_zero_stage(ds)
     # The YAML is the single source of batch geometry; DeepSpeed must agree with it.
     ds["train_micro_batch_size_per_gpu"] = train["batch_size_per_rank"]
     ds["gradient_accumulation_steps"] = train["grad_accum"]
     ds["train_batch_size"] = train["batch_size_per_rank"] * train["grad_accum"] * world
     ds.setdefault("gradient_clipping", train["grad_clip"])
+    check_zero_stage(ds, train["ep_size"])
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
 

@@ -148,8 +148,16 @@ def prepare_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_zero_stage(ds_config: Dict[str, Any]) -> None:
+def check_zero_stage(ds_config: Dict[str, Any], ep_size: int = 1) -> None:
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 0 and ep_size > 1 and float(ds_config.get("gradient_clipping", 0) or 0) > 0:
+        # deepspeed/runtime/utils.py clip_grad_norm_ averages each rank's sqrt(dense^2 + its
+        # experts^2) over data-parallel ranks instead of summing every expert once: the norm is
+        # underestimated and gradients are clipped too little (ZeRO 1 and 2 are exact).
+        raise ValueError(
+            "gradient_clipping with zero_optimization.stage=0 and ep_size > 1 uses a wrong global "
+            "gradient norm in DeepSpeed (experts are not summed across expert-parallel ranks); use "
+            "ZeRO stage 1 or 2, or set gradient_clipping to 0 (train.grad_clip=0)")
     if stage == 3:
         raise ValueError(
             "zero_optimization.stage=3 is not supported with tagmoe_dist MoE layers yet: experts are "
