@@ -32,7 +32,8 @@ from tagmoe_dist.training.logging import MetricLogger
 TRAIN_DEFAULTS: Dict[str, Any] = dict(
     seed=0, ep_size=1, steps=100, batch_size_per_rank=8, grad_accum=1, lr=1e-3, min_lr=1e-4,
     warmup_steps=10, weight_decay=0.0, grad_clip=1.0, eval_interval=50, eval_samples_per_task=32,
-    log_interval=10, checkpoint_interval=0, log_dir="runs/default", data="synthetic")
+    log_interval=10, checkpoint_interval=0, log_dir="runs/default", data="synthetic",
+    eval_data="", tokenizer="byte")
 
 
 def parse_args(argv=None):
@@ -127,6 +128,48 @@ def batch_indices(step: int, micro: int, train: Dict[str, Any], dp_rank: int, dp
     return range(base, base + B)
 
 
+class _Cycle(torch.utils.data.Dataset):
+    """A finite dataset repeated: index i is sample i mod len (a pure function of i)."""
+
+    def __init__(self, ds):
+        if len(ds) == 0:
+            raise ValueError("train.data holds no samples")
+        self.ds, self.schema, self.task_names = ds, ds.schema, ds.task_names
+
+    def __len__(self):
+        return 10 ** 12
+
+    def __getitem__(self, i):
+        return self.ds[i % len(self.ds)]
+
+
+def build_data(cfg, train: Dict[str, Any], schema):
+    """The built-in workload (train.data=synthetic) or the user's JSONL (train.data=FILE.jsonl,
+    optional train.eval_data=FILE.jsonl whose records are evaluated per task)."""
+    if train["data"] == "synthetic":
+        data = SyntheticTextTasks(10 ** 9, seq_len=cfg.seq_len, seed=train["seed"], schema=schema)
+        evals = eval_splits(train["eval_samples_per_task"], seq_len=cfg.seq_len, seed=train["seed"],
+                            schema=schema)
+        return data, evals
+    from tagmoe_dist.data import JsonlTextDataset, load_tokenizer
+    if schema is None:
+        raise ValueError("train.data=<jsonl> needs a task schema: set task_schema in the model YAML")
+    tok = load_tokenizer(None if train["tokenizer"] == "byte" else train["tokenizer"])
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"train.tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+                         f"{cfg.vocab_size}; raise vocab_size in the model YAML")
+    data = JsonlTextDataset(train["data"], schema, seq_len=cfg.seq_len, tokenizer=tok)
+    evals = {}
+    if train["eval_data"]:
+        ev = JsonlTextDataset(train["eval_data"], schema, seq_len=cfg.seq_len, tokenizer=tok)
+        per_task: Dict[str, list] = {}
+        for i in range(len(ev)):
+            per_task.setdefault(ev[i]["task_name"], []).append(i)
+        evals = {name: torch.utils.data.Subset(ev, idx[:train["eval_samples_per_task"]])
+                 for name, idx in per_task.items()}
+    return _Cycle(data), evals
+
+
 @torch.no_grad()
 def evaluate(engine, model, sets, collate, device) -> Dict[str, float]:
     model.eval()
@@ -155,6 +198,8 @@ def main(argv=None) -> int:
         raise ValueError(f"train.ep_size={train['ep_size']} does not divide the {world} processes; "
                          "launch a multiple of ep_size processes or change ep_size")
     ds_config = load_ds_config(args.deepspeed_config, train, world)
+    schema = cfg.load_task_schema()
+    data, evals = build_data(cfg, train, schema)
     tds.init_distributed()
     import deepspeed
     rank = dist.get_rank()
@@ -162,7 +207,6 @@ def main(argv=None) -> int:
         else torch.device("cpu")
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
-    schema = cfg.load_task_schema()
     model = GPT(cfg, groups=groups, task_schema=schema).to(device)
     if not cfg.is_dense:
         tds.prepare_model(model)
@@ -186,8 +230,6 @@ def main(argv=None) -> int:
         ckpt.write_run_config(ckpt_dir, args.config, cfg, schema, train, ds_config)
 
     dp_rank, dp_world = rank, world
-    data = SyntheticTextTasks(10 ** 9, seq_len=cfg.seq_len, seed=train["seed"])
-    evals = eval_splits(train["eval_samples_per_task"], seq_len=cfg.seq_len, seed=train["seed"])
     collate = TaskCollator(data.schema)
     logger = MetricLogger(log_dir, model, data.task_names, rank == 0, start, train["steps"])
     stop = StopFlag()

@@ -93,3 +93,29 @@ def test_bad_config_fails_on_every_rank_before_waiting(tmp_path, extra, msg):
     assert r.returncode != 0
     assert msg in r.stderr
     assert time.time() - t0 < 120
+
+
+def test_trains_on_users_jsonl_with_per_task_eval(tmp_path):
+    lines = []
+    for i in range(40):
+        if i % 2:
+            lines.append({"text": "abc" * (i % 7 + 1), "task": {"scope": "sequence_transform",
+                                                                 "type": ["order_preserving"]}})
+        else:
+            lines.append({"text": f"{i}+{i}={2 * i}", "task": {"scope": "arithmetic"}})
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    log_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tagmoe_dist.train", "--config", "configs/models/tiny_tag.yaml",
+           "--deepspeed_config", "configs/deepspeed/zero2.json",
+           "--set", "steps=4", f"log_dir={log_dir}", "ep_size=1", f"data={path}",
+           f"eval_data={path}", "eval_interval=2", "batch_size_per_rank=4", "log_interval=2"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "eval step 4:" in out and "scope=arithmetic" in out, out[-2000:]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "oops"}\n')
+    r = subprocess.run(cmd + [f"data={bad}"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and f"{bad}:2" in r.stderr, r.stderr[-2000:]
