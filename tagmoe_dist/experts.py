@@ -7,11 +7,13 @@ grouped GEMM covers all local experts and no per-expert module loop runs in the 
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tagmoe_dist.tensor_parallel import shard_ffn
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -104,8 +106,21 @@ def swiglu(h_NF2: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu(h_NF: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h_NF, approximate="tanh")
+
+
 def activation_fn(name: str):
-    return swiglu if name == "swiglu" else (lambda h: F.gelu(h, approximate="tanh"))
+    return swiglu if name == "swiglu" else gelu
+
+
+def activation_backward(act, grad_NF: torch.Tensor, h_NH: torch.Tensor) -> torch.Tensor:
+    """d act(h) / dh applied to grad, for the fused expert kernels (no autograd graph kept)."""
+    if act is gelu:
+        return torch.ops.aten.gelu_backward(grad_NF, h_NH, approximate="tanh")
+    assert act is swiglu, act
+    gate, up = h_NH.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(grad_NF * up, gate), grad_NF * F.silu(gate)], -1)
 
 
 def init_expert_weights(global_ids: Sequence[int], shape: Sequence[int], std: float,
@@ -120,20 +135,32 @@ def init_expert_weights(global_ids: Sequence[int], shape: Sequence[int], std: fl
     return out
 
 
+def _sharded(w: torch.Tensor, kind: str, shard: Tuple[int, int], activation: str) -> torch.Tensor:
+    rank, size = shard
+    if size == 1:
+        return w
+    return shard_ffn(w, kind, rank, size, gated=activation == "swiglu").contiguous()
+
+
 class GroupedExperts(nn.Module):
     """The experts of one rank: `len(global_ids)` MLPs, D -> F -> D."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, global_ids: Sequence[int],
-                 activation: str = "swiglu", init_std: float = 0.02, base_seed: int = 0):
+                 activation: str = "swiglu", init_std: float = 0.02, base_seed: int = 0,
+                 shard: Tuple[int, int] = (0, 1)):
         super().__init__()
         self.global_ids = list(global_ids)
         self.activation = activation
         self.act = activation_fn(activation)
+        # shard = (rank, size) over the expert-tensor-parallel group: this rank holds an F-slice
+        # of every expert (w1 column-parallel, w2 row-parallel), cut from the global init.
+        self.shard = shard
         width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
-        self.w1 = nn.Parameter(init_expert_weights(self.global_ids, (hidden_size, width),
-                                                   init_std, base_seed))
-        self.w2 = nn.Parameter(init_expert_weights(self.global_ids, (ffn_hidden_size, hidden_size),
-                                                   init_std, base_seed + 1))
+        self.w1 = nn.Parameter(_sharded(init_expert_weights(
+            self.global_ids, (hidden_size, width), init_std, base_seed), "w1", shard, activation))
+        self.w2 = nn.Parameter(_sharded(init_expert_weights(
+            self.global_ids, (ffn_hidden_size, hidden_size), init_std, base_seed + 1), "w2", shard,
+            activation))
 
     @property
     def num_local_experts(self) -> int:
@@ -152,11 +179,14 @@ class DenseMLP(nn.Module):
     """A plain FFN (the shared expert, and the dense baseline): D -> F -> D."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "swiglu",
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, shard: Tuple[int, int] = (0, 1)):
         super().__init__()
         width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
-        self.w1 = nn.Parameter(torch.randn(hidden_size, width) * init_std)
-        self.w2 = nn.Parameter(torch.randn(ffn_hidden_size, hidden_size) * init_std)
+        self.shard = shard      # (rank, size) over the tensor-parallel group, as in GroupedExperts
+        self.w1 = nn.Parameter(_sharded(torch.randn(hidden_size, width) * init_std, "w1", shard,
+                                        activation))
+        self.w2 = nn.Parameter(_sharded(torch.randn(ffn_hidden_size, hidden_size) * init_std, "w2",
+                                        shard, activation))
         self.act = activation_fn(activation)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:

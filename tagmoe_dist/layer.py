@@ -20,6 +20,7 @@ from tagmoe_dist.gating.task_level import TaskLevelRouter
 from tagmoe_dist.gating.topk import TopKRouter
 from tagmoe_dist.parallel import ParallelGroups
 from tagmoe_dist.tasks import TaskSchema
+from tagmoe_dist.tensor_parallel import TensorParallelMoE, copy_to_region, gather_ffn, shard_ffn
 
 _LOSS_COEFF = {"aux": "aux_loss_coeff", "z": "z_loss_coeff", "align": "align_loss_coeff"}
 
@@ -27,15 +28,22 @@ _LOSS_COEFF = {"aux": "aux_loss_coeff", "z": "z_loss_coeff", "align": "align_los
 class SharedExpert(nn.Module):
     """Always-on expert(s) applied to every token, optionally behind a sigmoid gate (Qwen2-MoE)."""
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, groups: Optional[ParallelGroups] = None):
         super().__init__()
-        self.mlp = DenseMLP(cfg.hidden_size, cfg.shared_ffn_size, cfg.activation, cfg.init_std)
+        # With tensor parallelism the MLP is F-sharded over the TP group and its output is a
+        # partial sum (see tensor_parallel.py); the gate stays replicated.
+        tp = (groups.tp_rank, groups.tp_size) if groups is not None else (0, 1)
+        self.tp_group = groups.tp_group if groups is not None and groups.tp_size > 1 else None
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.shared_ffn_size, cfg.activation, cfg.init_std,
+                            shard=tp)
         self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        y_TD = self.mlp(x_TD)
+    def forward(self, x_TD: torch.Tensor, xp_TD: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """xp_TD: the MLP's input when it differs from x_TD (the TP copy whose grad is partial)."""
+        y_TD = self.mlp(x_TD if xp_TD is None else xp_TD)
         if self.gate is not None:
-            y_TD = torch.sigmoid(self.gate(x_TD)) * y_TD
+            # y_TD may be a partial sum over TP ranks: so is the gradient of the gate's output
+            y_TD = copy_to_region(torch.sigmoid(self.gate(x_TD)), self.tp_group) * y_TD
         return y_TD
 
 
@@ -67,14 +75,16 @@ class MoELayer(nn.Module):
             self.router = TaskLevelRouter(cfg, task_schema)
         else:
             self.router = TopKRouter(cfg)
+        self.tp = TensorParallelMoE.maybe(groups, cfg.input_layout)   # None without TP
         self.experts = GroupedExperts(cfg.hidden_size, cfg.ffn_hidden_size, local_ids,
-                                      cfg.activation, cfg.init_std, base_seed)
+                                      cfg.activation, cfg.init_std, base_seed,
+                                      shard=(groups.etp_rank, groups.etp_size))
         for p in self.experts.parameters():
             # DeepSpeed / Megatron conventions: not all-reduced over data parallel, but over the
             # expert-data-parallel group named after the EP size.
             p.allreduce = False
             p.group_name = f"ep_size_{groups.ep_size}"
-        self.shared_expert = SharedExpert(cfg) if cfg.shared_ffn_size > 0 else None
+        self.shared_expert = SharedExpert(cfg, groups) if cfg.shared_ffn_size > 0 else None
         self.dispatcher = AllToAllDispatcher(cfg.num_experts, cfg.top_k, groups)
 
         self.alignment: Optional[TaskAlignment] = None
@@ -90,11 +100,16 @@ class MoELayer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, task: Optional[torch.Tensor] = None,
                 token_to_sample: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out_shape, tp = x.shape, self.tp
+        # TP: every rank of the group sees all its tokens; xp is the copy the split work reads
+        x, xp = tp.enter(x) if tp else (x, x)
         x_TD, sample_idx_T, num_samples = self._flatten(x, task, token_to_sample)
         task_BN = self._task_multi_hot(task, num_samples)
 
         route = self.router(x_TD, sample_idx_T, num_samples, task_BN)
-        if self.groups.ep_size == 1:
+        if tp:
+            y_TD = self._tensor_parallel_experts(tp, x_TD, xp.reshape(x_TD.shape), route)
+        elif self.groups.ep_size == 1:
             y_TD = self.dispatcher.local(x_TD, route, self.experts)
             if self.shared_expert is not None:
                 y_TD = y_TD + self.shared_expert(x_TD)
@@ -102,8 +117,23 @@ class MoELayer(nn.Module):
             y_TD = self.dispatcher.expert_parallel(x_TD, route, self.experts,
                                                    self.cfg.overlap_chunks, self.shared_expert)
 
-        y_TD = self._add_losses(y_TD, route, sample_idx_T, num_samples, task_BN)
-        return y_TD.view(x.shape)
+        y = tp.exit(y_TD.view(x.shape)) if tp else y_TD      # TP: sum the partial outputs
+
+        y = self._add_losses(y, route, sample_idx_T, num_samples, task_BN)
+        return y.view(out_shape)
+
+    def _tensor_parallel_experts(self, tp, x_TD, xp_TD, route):
+        """Step 3 of tensor_parallel.py: this rank's partial output, routed + shared experts."""
+        xe_TD, route_e = tp.expert_inputs(xp_TD, route)
+        if self.groups.ep_size == 1:
+            y_TD = self.dispatcher.local(xe_TD, route_e, self.experts)
+        else:
+            y_TD = self.dispatcher.expert_parallel(xe_TD, route_e, self.experts,
+                                                   self.cfg.overlap_chunks)
+        y_TD = tp.expert_outputs(y_TD, x_TD.shape[0])
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD, xp_TD)
+        return y_TD
 
     # ------------------------------------------------------------------ input handling
     def _flatten(self, x, task, token_to_sample):
@@ -172,7 +202,7 @@ class MoELayer(nn.Module):
             term = getattr(self.cfg, _LOSS_COEFF[name]) * value
             total = term if total is None else total + term
         if total is not None and torch.is_grad_enabled():
-            y_TD = AuxLossAutoScaler.apply(y_TD, total, self.aux_loss_scale)
+            y_TD = self._attach_aux_loss(y_TD, total)
         with torch.no_grad():
             self.last_losses = {k: v.detach() for k, v in losses.items()}
             stats["load"] = route.counts_E
@@ -186,6 +216,10 @@ class MoELayer(nn.Module):
             stats["entropy"] = routing_entropy(route.probs_TE)
             self.last_stats = stats
         return y_TD
+
+    def _attach_aux_loss(self, y: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Put `loss` into the backward pass (a host integration may scale it its own way)."""
+        return AuxLossAutoScaler.apply(y, loss, self.aux_loss_scale)
 
     # ------------------------------------------------------------------ weights
     _EXPERT_KEYS = ("experts.w1", "experts.w2")
@@ -203,13 +237,30 @@ class MoELayer(nn.Module):
                 dist.all_gather(parts, t.contiguous(), group=self.groups.ep_group)
                 t = torch.cat(parts, 0)
             sd[key] = t.clone()
+        for key, group in self._tp_sharded_keys().items():
+            sd[key] = gather_ffn(sd[key], key[-2:], self.cfg.activation == "swiglu", group)
         return sd
+
+    def _tp_sharded_keys(self) -> Dict[str, dist.ProcessGroup]:
+        """FFN weights held as tensor-parallel shards, and the group over which they are split."""
+        keys = {}
+        if self.groups.etp_size > 1:
+            keys.update({k: self.groups.etp_group for k in self._EXPERT_KEYS})
+        if self.groups.tp_size > 1 and self.shared_expert is not None:
+            keys.update({f"shared_expert.mlp.{w}": self.groups.tp_group for w in ("w1", "w2")})
+        return keys
 
     def load_full_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
         """Load global weights (from `full_state_dict` of a layer with any EP size)."""
         want = {k: v.shape for k, v in self.state_dict().items() if not k.startswith("experts.")}
         want.update({k: (self.cfg.num_experts,) + tuple(getattr(self.experts, k[8:]).shape[1:])
                      for k in self._EXPERT_KEYS})
+        sharded = self._tp_sharded_keys()
+        for k, group in sharded.items():     # TP shards: compare with the whole (global) shape
+            size, dim = dist.get_world_size(group), -1 if k.endswith("w1") else -2
+            shape = list(want[k])
+            shape[dim] *= size
+            want[k] = tuple(shape)
         missing = sorted(set(want) - set(sd))
         unexpected = sorted(set(sd) - set(want))
         if missing or unexpected:
@@ -222,6 +273,9 @@ class MoELayer(nn.Module):
                                  f"{tuple(want[name])} (num_experts={self.cfg.num_experts})")
         ids = self.experts.global_ids
         local = {k: (v[ids[0]:ids[-1] + 1] if k in self._EXPERT_KEYS else v) for k, v in sd.items()}
+        for k, group in sharded.items():
+            local[k] = shard_ffn(local[k], k[-2:], dist.get_rank(group), dist.get_world_size(group),
+                                 self.cfg.activation == "swiglu")
         self.load_state_dict(local)
 
     def update_expert_bias(self) -> None:

@@ -41,6 +41,8 @@ class ParallelGroups:
 
     def __post_init__(self):
         assert 0 <= self.ep_rank < self.ep_size
+        assert 0 <= self.tp_rank < self.tp_size and 0 <= self.etp_rank < self.etp_size
+        assert 0 <= self.pp_rank < self.pp_size
 
     @classmethod
     def single(cls) -> "ParallelGroups":
@@ -90,6 +92,14 @@ class ParallelGroups:
         same groups our all-to-all uses."""
         from tagmoe_dist.integrations.deepspeed import parallel_groups
         return parallel_groups(ep_size)
+
+    @classmethod
+    def from_megatron(cls, sequence_parallel: bool = False) -> "ParallelGroups":
+        """Megatron-core's TP, PP, DP, EP, expert-TP and expert-DP groups (after
+        `parallel_state.initialize_model_parallel`); `sequence_parallel` is
+        TransformerConfig.sequence_parallel, which parallel_state does not hold."""
+        from tagmoe_dist.integrations.megatron import parallel_groups
+        return parallel_groups(sequence_parallel=sequence_parallel)
 
     @property
     def edp_size(self) -> int:

@@ -19,6 +19,7 @@ from typing import Callable, List
 import torch
 
 from tagmoe_dist.dispatch.permute import row_chunks
+from tagmoe_dist.experts import activation_backward
 
 
 def _pieces(chunk_counts: List[int], start: int):
@@ -37,48 +38,48 @@ class LocalMoE(torch.autograd.Function):
         T, D = x_TD.shape
         y_TD = x_TD.new_zeros(T, D)
         chunks = row_chunks(counts, max_rows)
-        saved_h, saved_x = [], []
+        saved_h, saved_a, saved_x = [], [], []
         for start, stop, cc in chunks:
             tok_C = token_N[start:stop]
             x_CD = x_TD.index_select(0, tok_C)
             h_CH = x_CD.new_empty(stop - start, w1_LDH.shape[-1])
             for l, a, n in _pieces(cc, start):
                 torch.mm(x_CD[a:a + n], w1_LDH[l], out=h_CH[a:a + n])
-            s_CF = act(h_CH) * w_N[start:stop, None]        # combine weight applied in F space
+            a_CF = act(h_CH)
+            s_CF = a_CF * w_N[start:stop, None]             # combine weight applied in F space
             y_CD = torch.empty_like(x_CD)
             for l, a, n in _pieces(cc, start):
                 torch.mm(s_CF[a:a + n], w2_LFD[l], out=y_CD[a:a + n])
             y_TD.index_add_(0, tok_C, y_CD)
             saved_h.append(h_CH)
+            saved_a.append(a_CF)
             saved_x.append(x_CD)    # kept: gathering it again in backward costs more than it saves
-        ctx.save_for_backward(x_TD, w1_LDH, w2_LFD, w_N, token_N, *saved_h, *saved_x)
+        ctx.save_for_backward(x_TD, w1_LDH, w2_LFD, w_N, token_N, *saved_h, *saved_a, *saved_x)
         ctx.chunks, ctx.act = chunks, act
         return y_TD
 
     @staticmethod
     def backward(ctx, gy_TD):
         x_TD, w1_LDH, w2_LFD, w_N, token_N, *saved = ctx.saved_tensors
-        saved_h, saved_x = saved[:len(ctx.chunks)], saved[len(ctx.chunks):]
+        n = len(ctx.chunks)
+        saved_h, saved_a, saved_x = saved[:n], saved[n:2 * n], saved[2 * n:]
         act = ctx.act
         gy_TD = gy_TD.contiguous()
         gx_TD = torch.zeros_like(x_TD)
         gw1 = torch.zeros_like(w1_LDH)
         gw2 = torch.zeros_like(w2_LFD)
         gw_N = torch.empty_like(w_N)
-        for (start, stop, cc), h_CH, x_CD in zip(ctx.chunks, saved_h, saved_x):
+        for (start, stop, cc), h_CH, a_CF, x_CD in zip(ctx.chunks, saved_h, saved_a, saved_x):
             tok_C = token_N[start:stop]
             gy_CD = gy_TD.index_select(0, tok_C)
-            with torch.enable_grad():
-                h_leaf = h_CH.detach().requires_grad_(True)
-                a_CF = act(h_leaf)
             w_C1 = w_N[start:stop, None]
-            s_CF = a_CF.detach() * w_C1
+            s_CF = a_CF * w_C1
             gs_CF = s_CF.new_empty(s_CF.shape)
             for l, a, n in _pieces(cc, start):
                 torch.mm(gy_CD[a:a + n], w2_LFD[l].t(), out=gs_CF[a:a + n])
                 gw2[l].addmm_(s_CF[a:a + n].t(), gy_CD[a:a + n])
-            gw_N[start:stop] = (gs_CF * a_CF.detach()).sum(1)
-            (gh_CH,) = torch.autograd.grad(a_CF, h_leaf, gs_CF * w_C1)
+            gw_N[start:stop] = (gs_CF * a_CF).sum(1)
+            gh_CH = activation_backward(act, gs_CF * w_C1, h_CH)
             gx_CD = gy_CD                                   # reuse the gathered buffer
             for l, a, n in _pieces(cc, start):
                 torch.mm(gh_CH[a:a + n], w1_LDH[l].t(), out=gx_CD[a:a + n])

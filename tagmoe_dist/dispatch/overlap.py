@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from tagmoe_dist.dispatch import permute as P
+from tagmoe_dist.experts import activation_backward
 
 
 def _a2a_start(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group):
@@ -77,7 +78,7 @@ class ExpertParallelMoE(torch.autograd.Function):
     def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks: List[_Chunk], act: Callable, group,
                 shared: Optional[Callable]):
         T, D = x_TD.shape
-        saved_x, saved_h, saved_out = [], [], []
+        saved_x, saved_h, saved_a, saved_out = [], [], [], []
 
         def dispatch(c):
             ch = chunks[c]
@@ -112,6 +113,7 @@ class ExpertParallelMoE(torch.autograd.Function):
             for l, a, n in _blocks(ch.counts_L):
                 torch.mm(x_RD[a:a + n], w1_LDH[l], out=h_RH[a:a + n])
             a_RF = act(h_RH)
+            saved_a.append(a_RF)
             o_RD = x_RD.new_empty(x_RD.shape)
             for l, a, n in _blocks(ch.counts_L):
                 torch.mm(a_RF[a:a + n], w2_LFD[l], out=o_RD[a:a + n])
@@ -123,7 +125,7 @@ class ExpertParallelMoE(torch.autograd.Function):
             saved_h.append(h_RH)
         if pending is not None:
             scatter(*pending)
-        ctx.save_for_backward(w1_LDH, w2_LFD, w_N, token_N, *saved_x, *saved_h, *saved_out)
+        ctx.save_for_backward(w1_LDH, w2_LFD, w_N, token_N, *saved_x, *saved_h, *saved_a, *saved_out)
         ctx.chunks, ctx.act, ctx.group, ctx.T = chunks, act, group, T
         ctx.shared = (shared_in, shared_out)
         return y_TD
@@ -132,7 +134,7 @@ class ExpertParallelMoE(torch.autograd.Function):
     def backward(ctx, gy_TD):
         w1_LDH, w2_LFD, w_N, token_N, *rest = ctx.saved_tensors
         C = len(ctx.chunks)
-        saved_x, saved_h, saved_out = rest[:C], rest[C:2 * C], rest[2 * C:]
+        saved_x, saved_h, saved_a, saved_out = (rest[i * C:(i + 1) * C] for i in range(4))
         chunks, act, group = ctx.chunks, ctx.act, ctx.group
         gy_TD = gy_TD.contiguous()
         gx_TD = torch.zeros(ctx.T, gy_TD.shape[1], dtype=gy_TD.dtype, device=gy_TD.device)
@@ -165,15 +167,12 @@ class ExpertParallelMoE(torch.autograd.Function):
             recv_RD, work = inflight.pop(c)
             work.wait()
             go_RD = recv_RD.index_select(0, ch.regroup)
-            x_RD, h_RH = saved_x[c], saved_h[c]
-            with torch.enable_grad():
-                h_leaf = h_RH.detach().requires_grad_(True)
-                a_RF = act(h_leaf)
+            x_RD, h_RH, a_RF = saved_x[c], saved_h[c], saved_a[c]
             ga_RF = a_RF.new_empty(a_RF.shape)
             for l, a, n in _blocks(ch.counts_L):
                 torch.mm(go_RD[a:a + n], w2_LFD[l].t(), out=ga_RF[a:a + n])
-                gw2[l].addmm_(a_RF[a:a + n].detach().t(), go_RD[a:a + n])
-            (gh_RH,) = torch.autograd.grad(a_RF, h_leaf, ga_RF)
+                gw2[l].addmm_(a_RF[a:a + n].t(), go_RD[a:a + n])
+            gh_RH = activation_backward(act, ga_RF, h_RH)
             gx_RD = go_RD                                   # reuse the regrouped buffer
             for l, a, n in _blocks(ch.counts_L):
                 torch.mm(gh_RH[a:a + n], w1_LDH[l].t(), out=gx_RD[a:a + n])
