@@ -202,11 +202,16 @@ def _run(cmd: Sequence[str]) -> None:
 # ---------------------------------------------------------------------------------- the cluster
 class NetnsCluster:
     """N hosts in namespaces on one bridge, each link shaped to `rate_mbit` (None: unshaped)
-    with an optional one-way `delay_ms`. See the module docstring."""
+    with an optional one-way `delay_ms`. See the module docstring.
+
+    fallback: where namespaces cannot be created, run on loopback (flagged) instead of raising
+    NetnsUnavailable. loopback: do not try namespaces at all (a smoke run; also flagged).
+    """
 
     def __init__(self, n: int = 2, rate_mbit: Optional[float] = None, delay_ms: float = 0.0,
                  subnet: str = SUBNET, mtu: int = 1500, burst_bytes: Optional[int] = None,
-                 fallback: bool = True, install_tools: bool = True):
+                 queue_bytes: Optional[int] = None,
+                 fallback: bool = True, install_tools: bool = True, loopback: bool = False):
         if not isinstance(n, int) or not 1 <= n <= 250:
             raise ValueError(f"NetnsCluster n must be an integer in [1, 250], got {n!r}")
         if rate_mbit is not None and not rate_mbit > 0:
@@ -214,8 +219,8 @@ class NetnsCluster:
         if delay_ms < 0:
             raise ValueError(f"NetnsCluster delay_ms must be >= 0, got {delay_ms!r}")
         self.n, self.rate_mbit, self.delay_ms, self.subnet, self.mtu = n, rate_mbit, delay_ms, subnet, mtu
-        self.burst_bytes = burst_bytes
-        self.fallback, self.install_tools = fallback, install_tools
+        self.burst_bytes, self.queue_bytes = burst_bytes, queue_bytes
+        self.fallback, self.install_tools, self.loopback = fallback, install_tools, loopback
         self.prefix = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
         self.switch = f"{self.prefix}-sw"
         self.hosts = [f"{self.prefix}-h{i}" for i in range(n)]
@@ -240,7 +245,7 @@ class NetnsCluster:
             return self
         self._started = True
         atexit.register(self.close)
-        reason = netns_support(self.install_tools)
+        reason = "loopback=True asked for" if self.loopback else netns_support(self.install_tools)
         if reason is None:
             try:
                 self._build()
@@ -252,7 +257,7 @@ class NetnsCluster:
             except NetnsUnavailable as e:
                 self._teardown()
                 reason = str(e)
-        if not self.fallback:
+        if not self.fallback and not self.loopback:
             raise NetnsUnavailable(reason)
         self.fallback_reason = reason
         print(f"[netns] namespaces unavailable ({reason}); FALLING BACK to loopback: ranks share "
@@ -264,7 +269,7 @@ class NetnsCluster:
         # burst: >= one GSO super-packet (64 KiB) so veth's large segments pass, and ~2 ms of
         # traffic so the token refill timer does not throttle below the rate; queue ~100 ms.
         burst = self.burst_bytes or int(max(64 * 1024 + self.mtu, rate_Bps * 0.002))
-        limit = int(max(4 * burst, rate_Bps * 0.1))
+        limit = self.queue_bytes or int(max(4 * burst, rate_Bps * 0.1))
         _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, *parent, "tbf",
               "rate", f"{self.rate_mbit:g}mbit", "burst", str(burst), "limit", str(limit)])
 
@@ -356,7 +361,7 @@ class NetnsCluster:
         self._procs = []
         t0 = time.monotonic()
         for r in range(self.n):
-            argv = cmd(r) if callable(cmd) else [str(a).format(rank=r, **fields) for a in cmd]
+            argv = cmd(r) if callable(cmd) else [_fill(str(a), dict(fields, rank=r)) for a in cmd]
             e = dict(os.environ)
             e.update(env or {})
             e.update(RANK=str(r), WORLD_SIZE=str(self.n), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
@@ -394,6 +399,13 @@ class NetnsCluster:
             er.close()
         self._procs = []
         return ClusterResult(results, self.isolated, self.fallback_reason, timed_out)
+
+
+def _fill(arg: str, fields: Mapping[str, object]) -> str:
+    """Replace {name} for the known names only (other braces, e.g. JSON, pass through)."""
+    for k, v in fields.items():
+        arg = arg.replace("{" + k + "}", str(v))
+    return arg
 
 
 def _kill(p: subprocess.Popen) -> None:

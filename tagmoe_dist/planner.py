@@ -28,7 +28,9 @@ bandwidth time V/beta:
           = first chunk's dispatch + steady state + last chunk's compute and combine
 
 pass(1) = 2*a2a + C is the sequential layer. The step is pass_fwd(C) + pass_bwd(2C) + local work
-+ one alpha; `choose_chunks` minimises it. Around the MoE layer (`plan_step`): attention
++ one alpha; `choose_chunks` minimises it. Optional measured refinements (`measure_rates`): beta
+by message size (`Link.curve`; chunks send smaller messages) and the aggregate beta of two
+exchanges in flight (`Link.pair_curve`, replacing 2d in the steady state). Around the MoE layer (`plan_step`): attention
 FLOPs 8*T*D^2 + 4*T*S*D per layer forward (x3 with backward, / TP), 4 TP ring all-reduces of
 T*D*b per layer (2 forward, 2 backward: 2(p-1)*alpha + 2(p-1)/p*bytes/beta each), pipeline
 1F1B with m micro-batches: step = (m + PP - 1) * (stage time per micro-batch).
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 ACTIVATIONS = ("swiglu", "gelu")
 LOCAL_PASSES = 12            # R*D*b-sized passes over memory per step (see module docstring)
@@ -49,9 +51,36 @@ LOCAL_PASSES = 12            # R*D*b-sized passes over memory per step (see modu
 class Link:
     latency_s: float          # alpha: fixed cost of one exchange
     bandwidth_Bps: float      # beta: bytes/s one rank sends (per direction)
+    # Optional measured beta by message size (bytes per peer, B/s), ascending: some transports
+    # are not one straight alpha-beta line (gloo over TCP: ~2x slower per byte above ~1 MB per
+    # peer in both directions at once). Interpolated in log(size), clamped at the ends.
+    curve: Tuple[Tuple[float, float], ...] = ()
+    # Optional aggregate beta with two exchanges of that size in flight at once (the overlap
+    # schedule's steady state); gloo gets up to ~2x more than from one large exchange.
+    pair_curve: Tuple[Tuple[float, float], ...] = ()
 
-    def time(self, nbytes: float) -> float:
-        return self.latency_s + nbytes / self.bandwidth_Bps
+    def beta(self, message_bytes: Optional[float] = None) -> float:
+        return _interp(self.curve, message_bytes, self.bandwidth_Bps)
+
+    def pair_beta(self, message_bytes: float) -> float:
+        """Aggregate bytes/s of two concurrent exchanges (no pair curve: same as one)."""
+        return _interp(self.pair_curve, message_bytes, self.beta(message_bytes))
+
+    def time(self, nbytes: float, message_bytes: Optional[float] = None) -> float:
+        return self.latency_s + nbytes / self.beta(message_bytes if message_bytes is not None else nbytes)
+
+
+def _interp(pts, message_bytes, default):
+    """Piecewise linear in log(message size) through (size, B/s) points, clamped at the ends."""
+    if not pts or message_bytes is None:
+        return default
+    if message_bytes <= pts[0][0]:
+        return pts[0][1]
+    for (s0, b0), (s1, b1) in zip(pts, pts[1:]):
+        if message_bytes <= s1:
+            w = math.log(message_bytes / s0) / math.log(s1 / s0)
+            return b0 + w * (b1 - b0)
+    return pts[-1][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +122,12 @@ def all_to_all_time(send_bytes: float, ep: int, ep_per_node: int, rates: Rates) 
         return 0.0
     ep_per_node = max(1, min(ep_per_node, ep))
     crosses = ep > ep_per_node
-    intra_b = send_bytes * (ep_per_node - 1) / (ep - 1)
+    per_peer = send_bytes / (ep - 1)           # message size, for links with a measured curve
+    intra_b = per_peer * (ep_per_node - 1)
     inter_b = send_bytes - intra_b
-    t = intra_b / rates.intra.bandwidth_Bps
+    t = intra_b / rates.intra.beta(per_peer)
     if crosses:
-        t = max(t, inter_b / rates.link(True).bandwidth_Bps)
+        t = max(t, inter_b / rates.link(True).beta(per_peer))
     return rates.link(crosses).latency_s + t
 
 
@@ -109,17 +139,20 @@ def allreduce_time(nbytes: float, size: int, link: Link) -> float:
 
 
 def pipeline_pass_time(n: int, exchange_s: float, compute_s: float, alpha_s: float = 0.0,
-                       chunk_overhead_s: float = 0.0) -> float:
+                       chunk_overhead_s: float = 0.0, pair_s: Optional[float] = None) -> float:
     """One pass (forward or backward) of dispatch -> compute -> combine in `n` chunks.
 
     exchange_s: bandwidth time of one whole exchange (no alpha); compute_s: expert time of the
-    whole pass. n = 1 gives the sequential 2*(alpha + exchange_s) + compute_s (+ overhead).
+    whole pass; pair_s: time of the steady state's two chunk exchanges in flight together
+    (dispatch of c+1, combine of c-1; default 2d: one after the other). n = 1 gives the
+    sequential 2*(alpha + exchange_s) + compute_s (+ overhead).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"chunks must be a positive integer, got {n!r}")
     d = alpha_s + exchange_s / n
     c = compute_s / n + chunk_overhead_s
-    return d + (n - 1) * max(c, 2 * d) + c + d
+    net = 2 * d if pair_s is None else pair_s
+    return d + (n - 1) * max(c, net) + c + d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +186,19 @@ def moe_layer_cost(send_bytes: float, recv_rows: float, hidden: int, ffn: int, r
     link = rates.link(ep > ep_per_node)
     alpha = link.latency_s if ep > 1 else 0.0
     a2a = all_to_all_time(send_bytes, ep, ep_per_node, rates)
-    bw_s = max(a2a - alpha, 0.0)
+    # bandwidth time of the whole volume sent as `chunks` exchanges of 1/chunks of it each, and
+    # of two such exchanges in flight together (the steady state)
+    bw_s = chunks * max(all_to_all_time(send_bytes / chunks, ep, ep_per_node, rates) - alpha, 0.0)
+    pair = None
+    if ep > 1 and link.pair_curve:
+        pair = alpha + 2 * (send_bytes / chunks) / link.pair_beta(send_bytes / chunks / (ep - 1))
     fwd = expert_flops(recv_rows, hidden, ffn, activation, backward=False) / rates.flops
     local = (3 * 2 * tokens * hidden * num_experts / rates.flops
              + LOCAL_PASSES * recv_rows * hidden * bytes_per_element / rates.mem_bandwidth_Bps)
     count_s = alpha
     comm = 4 * a2a + count_s
-    overlapped = (pipeline_pass_time(chunks, bw_s, fwd, alpha, rates.chunk_overhead_s)
-                  + pipeline_pass_time(chunks, bw_s, 2 * fwd, alpha, rates.chunk_overhead_s)
+    overlapped = (pipeline_pass_time(chunks, bw_s, fwd, alpha, rates.chunk_overhead_s, pair)
+                  + pipeline_pass_time(chunks, bw_s, 2 * fwd, alpha, rates.chunk_overhead_s, pair)
                   + local + count_s)
     if chunks == 1:      # no per-chunk overhead in the plain sequential path
         overlapped = comm + 3 * fwd + local
@@ -186,21 +224,28 @@ def choose_chunks(send_bytes: float, recv_rows: float, hidden: int, ffn: int, ra
 
 # ------------------------------------------------------------------------------ measuring
 def measure_rates(groups, hidden: int, ffn: Optional[int] = None, rows: int = 2048,
-                  a2a_bytes: int = 1 << 20, reps: int = 5) -> Rates:
-    """Time a small all-to-all, a matmul and a gather on the running system (collective over the
-    EP group: every rank must call it). Returns the same `Rates` on every rank (times are
-    max-reduced over the group) so `choose_chunks` decides the same N everywhere.
+                  a2a_bytes: Union[int, Sequence[int]] = 1 << 20, reps: int = 5,
+                  activation: str = "gelu", pairs: bool = True) -> Rates:
+    """Time a small all-to-all, a small expert MLP and a gather on the running system (collective
+    over the EP group: every rank must call it). Returns the same `Rates` on every rank (times
+    are max-reduced over the group) so `choose_chunks` decides the same N everywhere.
 
-    alpha: a 1-row all-to-all; beta: a2a_bytes sent to the peers (minus alpha); flops: the
-    [rows, D] x [D, F] GEMM at the caller's thread count; mem bandwidth: a row gather;
-    chunk overhead: a 1-row gather + two tiny GEMMs (a lower bound of per-chunk host work).
+    alpha: a 1-row all-to-all. beta: `a2a_bytes` sent to each peer, time minus alpha (several
+    sizes: a measured beta curve, `bandwidth_Bps` the largest size's beta; `pairs`: also two
+    exchanges of each size in flight at once, the pair curve). flops: one
+    expert MLP [rows, D] -> F -> D forward + backward at the caller's thread count, counted with
+    `expert_flops` (so the activation and the backward's transposed GEMMs are in the rate).
+    mem bandwidth: a row gather. chunk overhead: the same MLP on 1 row plus a gather and a
+    scatter-add (the fixed host-side cost one more chunk adds; a lower bound).
     """
     import statistics
     import time
 
     import torch
     import torch.distributed as dist
+    import torch.nn.functional as Fn
 
+    _check_activation(activation)
     ffn = ffn or 4 * hidden
     group = groups.ep_group if groups.ep_size > 1 else None
 
@@ -214,31 +259,59 @@ def measure_rates(groups, hidden: int, ffn: Optional[int] = None, rows: int = 20
         return statistics.median(ts)
 
     P = groups.ep_size
+    sizes = sorted([a2a_bytes] if isinstance(a2a_bytes, int) else a2a_bytes)
+    alpha, t_a2a = 0.0, [0.0] * len(sizes)
     if group is not None:
         def a2a(nrows):
             x = torch.zeros(nrows * P, hidden)
             out = torch.empty_like(x)
             return lambda: dist.all_to_all_single(out, x, group=group)
         dist.barrier(group=group)
+        def a2a_pair(nrows):
+            xs = [torch.zeros(nrows * P, hidden) for _ in range(2)]
+            outs = [torch.empty_like(x) for x in xs]
+            return lambda: [w.wait() for w in [dist.all_to_all_single(o, x, group=group, async_op=True)
+                                               for o, x in zip(outs, xs)]]
         alpha = timed(a2a(1), 3 * reps)
-        big_rows = max(1, a2a_bytes // (4 * hidden * (P - 1)))
-        t_big = timed(a2a(big_rows))
-        sent = big_rows * hidden * 4 * (P - 1)
+        t_a2a = [timed(a2a(max(1, nb // (4 * hidden)))) for nb in sizes]
+        if pairs:
+            t_a2a += [timed(a2a_pair(max(1, nb // (4 * hidden)))) for nb in sizes]
+    width = 2 * ffn if activation == "swiglu" else ffn
+    w1 = torch.randn(hidden, width, requires_grad=True)
+    w2 = torch.randn(ffn, hidden, requires_grad=True)
+
+    def act(h):
+        if activation == "swiglu":
+            g, u = h.chunk(2, dim=-1)
+            return Fn.silu(g) * u
+        return Fn.gelu(h, approximate="tanh")
+
+    def mlp(x):
+        def step():
+            xi = x.detach().requires_grad_(True)
+            act(xi @ w1).matmul(w2).sum().backward()
+        return step
     x = torch.randn(rows, hidden)
-    w = torch.randn(hidden, ffn)
-    t_mm = timed(lambda: x @ w)
+    t_mlp = timed(mlp(x))
     idx = torch.randperm(rows)
     t_gather = timed(lambda: x.index_select(0, idx))
-    xs, w2 = x[:1], torch.randn(ffn, hidden)
-    one = torch.zeros(1, dtype=torch.long)
-    t_chunk = timed(lambda: torch.nn.functional.gelu(xs.index_select(0, one) @ w) @ w2, 3 * reps)
-    t = torch.tensor([alpha if group is not None else 0.0, t_big if group is not None else 0.0,
-                      t_mm, t_gather, t_chunk], dtype=torch.float64)
+    one, y1 = torch.zeros(1, dtype=torch.long), torch.zeros(1, hidden)
+    small = mlp(x[:1])
+    t_chunk = timed(lambda: (small(), y1.index_add_(0, one, x.index_select(0, one))), 3 * reps)
+    t = torch.tensor([alpha, t_mlp, t_gather, t_chunk] + t_a2a, dtype=torch.float64)
     if group is not None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    alpha, t_big, t_mm, t_gather, t_chunk = t.tolist()
-    beta = sent / max(t_big - alpha, 1e-9) if group is not None else float("inf")
-    return Rates(flops=2 * rows * hidden * ffn / t_mm, intra=Link(alpha, beta),
+    alpha, t_mlp, t_gather, t_chunk, *t_a2a = t.tolist()
+    msg = [float(max(1, nb // (4 * hidden)) * 4 * hidden) for nb in sizes]
+    curve = pair_curve = ()
+    if group is not None:
+        curve = tuple((m, m * (P - 1) / max(ta - alpha, 0.5 * ta, 1e-9)) for m, ta in zip(msg, t_a2a))
+        if pairs:
+            pair_curve = tuple((m, 2 * m * (P - 1) / max(ta - alpha, 0.5 * ta, 1e-9))
+                               for m, ta in zip(msg, t_a2a[len(sizes):]))
+    beta = curve[-1][1] if curve else float("inf")
+    link = Link(alpha, beta, curve if len(curve) > 1 else (), pair_curve)
+    return Rates(flops=expert_flops(rows, hidden, ffn, activation) / t_mlp, intra=link,
                  mem_bandwidth_Bps=2 * rows * hidden * 4 / t_gather, chunk_overhead_s=t_chunk)
 
 
@@ -391,7 +464,13 @@ def plan_step(c: ClusterSpec, m: ModelShape, tp: int, ep: int, pp: int,
     separate expert decomposition with expert-TP 1, so an EP group is `ep` consecutive ranks."""
     rates = c.rates()
     world = c.world
+    if world % (tp * pp) or m.num_layers % pp or m.num_experts % ep:
+        raise ValueError(f"tp={tp} x pp={pp} must divide the {world} GPUs, pp the "
+                         f"{m.num_layers} layers and ep={ep} the {m.num_experts} experts")
     dp = world // (tp * pp)
+    if (dp * tp) % ep or m.global_batch % (dp * m.micro_batch):
+        raise ValueError(f"ep={ep} must divide dp*tp={dp * tp} and dp*micro_batch="
+                         f"{dp * m.micro_batch} the global batch {m.global_batch}")
     mb = m.global_batch // (dp * m.micro_batch)
     b = m.bytes_per_element
     T = m.micro_batch * m.seq_len / tp            # sequence parallel: each TP rank routes 1/tp
