@@ -78,7 +78,10 @@ class MoEConfig:
     init_std: float = 0.02
     # layout / execution
     input_layout: str = "bsh"                 # bsh = [batch, seq, hidden], sbh = [seq, batch, hidden], th = flat
-    overlap_chunks: Union[int, str] = "auto"  # EP>1: chunks of the all-to-all / expert pipeline
+    # EP>1: chunks of the all-to-all / expert pipeline. "auto" picks them from measured rates
+    # (planner.py), so float summation order, hence the last bits, may differ between runs;
+    # give a number for bitwise-reproducible runs.
+    overlap_chunks: Union[int, str] = "auto"
     debug_checks: bool = False                # host-syncing checks (non-finite logits)
 
     def __post_init__(self):

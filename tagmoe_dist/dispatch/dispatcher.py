@@ -37,6 +37,7 @@ class AllToAllDispatcher:
         # CPU: fresh buffers of 32 MB and more are mmapped and page-fault on every step, which
         # costs more than fine-grained experts' matmuls; chunks keep buffers near this size.
         self.buffer_bytes = 8 << 20
+        self._rates = None   # measured link / compute rates for overlap_chunks="auto"
 
     def _sorted_rows(self, x_TD: torch.Tensor, route: RouterOutput):
         perm_N, counts_E = P.sort_by_expert(route.topk_ids_TK, self.num_experts, route.keep_TK)
@@ -47,6 +48,22 @@ class AllToAllDispatcher:
     def _rows_per_buffer(self, x_TD: torch.Tensor, experts) -> int:
         width = max(x_TD.shape[1], experts.w1.shape[-1])
         return max(1, self.buffer_bytes // (x_TD.element_size() * width))
+
+    def _auto_chunks(self, x_TD: torch.Tensor, experts, max_rows: int) -> int:
+        """Chunk count from the alpha-beta model (planner.py) with this system's measured
+        all-to-all latency / bandwidth and expert FLOP rate (measured once per layer, agreed over
+        the EP group), and at least enough chunks to keep CPU buffers near `buffer_bytes`.
+        Inputs are group-wide (the largest sender's rows), so every rank picks the same count."""
+        from tagmoe_dist.planner import choose_chunks, measure_rates
+        D, F = x_TD.shape[1], experts.w2.shape[1]
+        if self._rates is None:
+            self._rates = measure_rates(self.groups, hidden=D, ffn=F,
+                                        activation=experts.activation, reps=3)
+        n = choose_chunks(max_rows * D * x_TD.element_size(), max_rows, D, F, self._rates,
+                          experts.activation, ep=self.ep_size, max_chunks=MAX_AUTO_CHUNKS)
+        if not x_TD.is_cuda:
+            n = max(n, math.ceil(max_rows / self._rows_per_buffer(x_TD, experts)))
+        return max(1, min(MAX_AUTO_CHUNKS, n))
 
     # ------------------------------------------------------------------ EP = 1
     def local(self, x_TD: torch.Tensor, route: RouterOutput, experts) -> torch.Tensor:
@@ -73,8 +90,7 @@ class AllToAllDispatcher:
         recv_SL1 = all_to_all_counts(send_SL1, group).cpu()
         recv_SL, max_rows = recv_SL1[:, :L], int(recv_SL1[:, L].max())
         if overlap_chunks == "auto":
-            per = self._rows_per_buffer(x_TD, experts)
-            overlap_chunks = min(MAX_AUTO_CHUNKS, max(2, math.ceil(max_rows / per)))
+            overlap_chunks = self._auto_chunks(x_TD, experts, max_rows)
         chunks = plan_chunks(counts_E.cpu(), recv_SL, overlap_chunks, device=x_TD.device)
         return expert_parallel_moe(x_TD, experts.w1, experts.w2, w_N, token_N, chunks,
                                    experts.act, group, shared)
