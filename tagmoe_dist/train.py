@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     ckpt_dir = log_dir / "checkpoints"
     start = 0
     if args.resume:
-        start = ckpt.load(engine, ckpt_dir)
+        start = ckpt.load(engine, ckpt_dir, train["ep_size"] if not cfg.is_dense else None)
     elif rank == 0 and ckpt.has_checkpoint(ckpt_dir):
         print(f"note: {ckpt_dir} already holds checkpoints; pass --resume to continue from them",
               file=sys.stderr)

@@ -310,7 +310,7 @@ def test_bf16_source_stays_bf16(tmp_path):
     (dict(num_experts=4, top_k=6), "--top-k 6 is larger than --num-experts"),
     (dict(num_experts=8, top_k=2, granularity=4), "--top-k 2 is not a multiple of --granularity"),
     (dict(num_experts=8, top_k=2, ep_size=3), "--ep-size 3 does not divide"),
-    (dict(num_experts=4, top_k=2, format="tagmoe"), "not supported yet in this version"),
+    (dict(num_experts=4, top_k=2, format="tagmoe", task_schema="t.yaml"), "--task-schema only applies"),
     (dict(num_experts=4, top_k=2, router="task_aware"), "--router task_aware"),
     (dict(num_experts=4, top_k=2, task_schema="t.yaml"), "--task-schema"),
     (dict(num_experts=4, top_k=2, drop_ratio=1.5), "--drop-ratio"),
@@ -372,7 +372,7 @@ def test_cli_converts_and_reports_errors(dense, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(args[:-1] + ["--format", "tagmoe"])
     assert exc.value.code == 2
-    assert "--format tagmoe is not supported yet" in capsys.readouterr().err
+    assert "it upcycles to --format hf only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [[sys.executable, "-m", "tagmoe_dist.upcycle", "--help"],

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch.distributed as dist
 import yaml
@@ -68,9 +69,36 @@ def verify(ckpt_dir: Path) -> str:
     return tag
 
 
-def load(engine, ckpt_dir: Path) -> int:
-    """Load the latest checkpoint into the engine; returns the step to continue from."""
+def load(engine, ckpt_dir: Path, ep_size: Optional[int] = None) -> int:
+    """Load the latest checkpoint into the engine; returns the step to continue from.
+
+    `ep_size`: the EP size of the running job. DeepSpeed loads a checkpoint saved at another EP
+    size (same world size) without a word, copying expert optimizer partitions by position, so
+    the first step scrambles the experts; such a load is refused with the reshard command."""
     tag = verify(ckpt_dir)
+    manifest = json.loads((Path(ckpt_dir) / tag / MANIFEST).read_text())
+    if ep_size is not None and not manifest.get("weights_only"):
+        from tagmoe_dist.reshard import saved_layout
+        saved = saved_layout(Path(ckpt_dir) / tag)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if saved["ep_size"] not in (None, ep_size) or saved["world_size"] != world:
+            raise ValueError(
+                f"checkpoint {Path(ckpt_dir) / tag} was saved at ep_size={saved['ep_size']} on "
+                f"{saved['world_size']} processes; resuming at ep_size={ep_size} on {world} would "
+                "scramble the experts' optimizer state. Reshard it first: python -m "
+                f"tagmoe_dist.reshard --src {ckpt_dir} --dst <new run>/checkpoints --ep-size {ep_size}")
+    if manifest.get("weights_only"):
+        # Upcycled or optimizer-reset checkpoints (tagmoe_dist.upcycle / tagmoe_dist.reshard) have
+        # no optimizer files: load the module only; DeepSpeed then refreshes ZeRO's fp32 master
+        # partitions from the loaded weights, and Adam starts from zero moments.
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False,
+                                         load_lr_scheduler_states=False, load_module_only=True)
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load {Path(ckpt_dir) / tag}")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"note: {Path(ckpt_dir) / tag} holds model weights only "
+                  f"({manifest.get('note', 'no optimizer state')})", file=sys.stderr)
+        return int(manifest.get("step", 0))
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise ValueError(f"DeepSpeed could not load {Path(ckpt_dir) / tag}")

@@ -11,9 +11,15 @@ from tagmoe_dist.upcycle.options import FORMATS, ROUTERS, UpcycleOptions
 from tagmoe_dist.upcycle.recipes import ROUTER_INITS, SCALINGS
 
 _EPILOG = """\
-At initialisation the --format hf output equals the dense model (fp32 logits within 1e-5) for plain
-and fine-grained (--granularity G) upcycling with --expert-noise 0 and --drop-ratio 0. Drop-Upcycling,
-noise and --scaling cube-root (with SiLU) trade that exactness for training quality.
+At initialisation the output equals the dense model (fp32 logits within 1e-5) for plain and
+fine-grained (--granularity G) upcycling with --expert-noise 0 and --drop-ratio 0, in both formats.
+Drop-Upcycling, noise and --scaling cube-root (with SiLU) trade that exactness for training quality.
+
+--format tagmoe example (a dense GPT trained with tagmoe_dist.train, then 8 experts, EP=2):
+  python -m tagmoe_dist.upcycle --src runs/dense/checkpoints --dst runs/moe/checkpoints \
+      --format tagmoe --num-experts 8 --top-k 2 --ep-size 2
+  python -m torch.distributed.run --nproc_per_node 2 -m tagmoe_dist.train \
+      --config runs/moe/checkpoints/model_config.yaml --deepspeed_config configs/deepspeed/zero2.json --resume
 See docs/upcycling.md.
 """
 
@@ -21,37 +27,49 @@ See docs/upcycling.md.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tagmoe_dist.upcycle",
-        description="Upcycle a dense Hugging Face Llama/Mistral/Qwen2 checkpoint into a "
-                    "Mixture-of-Experts checkpoint.",
+        description="Upcycle a dense checkpoint into a Mixture-of-Experts checkpoint: a Hugging "
+                    "Face Llama/Mistral/Qwen2 directory into Mixtral/Qwen2-MoE (--format hf), or a "
+                    "tagmoe_dist dense GPT (DeepSpeed) checkpoint into a tagmoe_dist MoE GPT "
+                    "checkpoint that the trainer resumes from (--format tagmoe).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, metavar="DIR",
-                   help="dense HF checkpoint directory: config.json + model.safetensors or "
-                        "sharded model-*.safetensors with model.safetensors.index.json")
+                   help="dense checkpoint: a HF directory (config.json + model.safetensors or "
+                        "sharded model-*.safetensors with model.safetensors.index.json), or a "
+                        "tagmoe_dist.train checkpoints directory (latest + model_config.yaml), one "
+                        "of its step_N directories or its run directory")
     p.add_argument("--dst", required=True, metavar="DIR",
-                   help="output directory; must not exist unless --force")
+                   help="output directory; must not exist unless --force. For --format tagmoe it "
+                        "is the new run's checkpoints directory, named 'checkpoints' (e.g. "
+                        "runs/moe/checkpoints)")
     p.add_argument("--num-experts", required=True, type=int, metavar="N",
                    help="experts per MoE layer (a multiple of --granularity and of --ep-size)")
     p.add_argument("--top-k", required=True, type=int, metavar="K",
                    help="experts per token (<= N, a multiple of --granularity)")
     p.add_argument("--format", default="hf", choices=FORMATS,
                    help="hf: Mixtral layout for llama/mistral, Qwen2-MoE layout for qwen2, "
-                        "loadable by transformers.AutoModelForCausalLM. tagmoe: the project's own "
-                        "format, not supported yet in this version (default: hf)")
+                        "loadable by transformers.AutoModelForCausalLM (HF sources). tagmoe: a "
+                        "DeepSpeed checkpoint of the tagmoe_dist MoE GPT that `python -m "
+                        "tagmoe_dist.train --resume` continues from, weights only (tagmoe_dist "
+                        "GPT sources) (default: hf)")
     p.add_argument("--layers", default="all", metavar="all|every-other|LIST",
                    help="layers to upcycle: all, every-other (1,3,5,...) or a comma list such as "
-                        "1,3; partial lists need a target with dense layers (Qwen2-MoE) "
+                        "1,3; partial lists need a target with dense layers (Qwen2-MoE; for "
+                        "tagmoe: every m-th block, and --top-k equal to --granularity) "
                         "(default: all)")
     p.add_argument("--granularity", type=int, default=1, metavar="G",
                    help="fine-grained upcycling: split each FFN's intermediate dimension into G "
                         "slices, one slice per expert, N/G copies of each (default: 1)")
     p.add_argument("--router", default="topk", choices=ROUTERS,
                    help="topk: plain top-k router. task_aware: TAG task-aware router, only for "
-                        "--format tagmoe (default: topk)")
+                        "--format tagmoe; its task terms start at zero, so step 0 is unchanged "
+                        "(default: topk)")
     p.add_argument("--task-schema", default=None, metavar="YAML",
-                   help="task schema for --router task_aware (--format tagmoe only)")
+                   help="task schema for --router task_aware (--format tagmoe only; default: the "
+                        "task_schema.yaml the source run wrote beside its checkpoints)")
     p.add_argument("--ep-size", type=int, default=1, metavar="P",
                    help="expert-parallel size the model will train with; N must be a multiple "
-                        "of P (default: 1)")
+                        "of P. --format tagmoe writes it as train.ep_size; expert files are named "
+                        "by global id, so the checkpoint also loads at other sizes (default: 1)")
     p.add_argument("--router-init", default="normal", choices=ROUTER_INITS,
                    help="normal: N(0, initializer_range) rows, one per virtual group. zeros: all "
                         "logits tie; exact on CPU via the recorded tie-break layout (default: normal)")
@@ -68,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "choice; breaks exactness (default: 0)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output shard, e.g. 5GB or 200MB; memory use does not depend "
-                        "on it (default: 5GB)")
+                        "on it; --format hf only (tagmoe writes one file per expert) (default: 5GB)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --dst (atomically, after the new one is complete)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
@@ -92,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"wrote {dst}")
+    if opts.format == "tagmoe":
+        print(f"continue training with: python -m tagmoe_dist.train --config {dst}/model_config.yaml "
+              "--deepspeed_config <ds.json> --resume   (under your launcher, "
+              f"train.ep_size={opts.ep_size}); the optimizer state starts fresh")
     return 0
 
 

@@ -13,6 +13,8 @@ be written with the *source* class's default, not inherited from the target clas
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any, Mapping
 
 from tagmoe_dist.upcycle.hf import TensorSpec
@@ -179,3 +181,77 @@ def moe_names(arch: Arch, prefix: str, num_experts: int, hidden: int, dtype: str
              TensorSpec(f"{shared}down_proj.weight", (hidden, 0), dtype),
              TensorSpec(f"{base}shared_expert_gate.weight", (1, hidden), dtype))
     return MoeNames(f"{base}gate.weight", experts, zeros)
+
+
+# ---------------------------------------------------------------------------------------------
+# Source kinds: which --format each source upcycles to.
+# ---------------------------------------------------------------------------------------------
+
+SOURCE_KINDS = {
+    "hf": "a Hugging Face dense decoder directory (config.json + *.safetensors) of "
+          + _supported_text() + ", upcycled with --format hf (Mixtral / Qwen2-MoE)",
+    "tagmoe": "a tagmoe_dist dense GPT checkpoint written by tagmoe_dist.train (the checkpoints "
+              "directory holding 'latest' and model_config.yaml, one of its step_N directories, "
+              "or the run directory), upcycled with --format tagmoe",
+}
+
+
+def supported_sources_text() -> str:
+    return "; ".join(f"{kind}: {text}" for kind, text in SOURCE_KINDS.items())
+
+
+def _megatron_hint(src: Path) -> str | None:
+    """Why `src` looks like a Megatron-core checkpoint, or None."""
+    if (src / "latest_checkpointed_iteration.txt").is_file():
+        return "latest_checkpointed_iteration.txt"
+    meta = src / "metadata.json"
+    if meta.is_file():
+        try:
+            if "sharded_backend" in json.loads(meta.read_text()):
+                return "metadata.json names a sharded_backend (dist_checkpointing / torch_dist)"
+        except (ValueError, OSError):
+            pass
+    if (src / ".metadata").is_file() and any(src.glob("*.distcp")):
+        return "a torch.distributed.checkpoint directory (.metadata + *.distcp)"
+    if (src / "mp_rank_00" / "model_optim_rng.pt").is_file():
+        return "mp_rank_00/model_optim_rng.pt (legacy torch format)"
+    if any(src.glob("iter_*")):
+        return "iter_* directories"
+    return None
+
+
+def source_kind(src: Path) -> str:
+    """'hf' or 'tagmoe' for a supported source; a ValueError listing the supported ones otherwise."""
+    from tagmoe_dist.upcycle.tagmoe import is_gpt_checkpoint
+
+    src = Path(src)
+    if not src.is_dir():
+        raise ValueError(f"--src {src} is not a directory; supported sources: "
+                         f"{supported_sources_text()}")
+    if (src / "config.json").is_file() or any(src.glob("*.safetensors")):
+        return "hf"
+    if is_gpt_checkpoint(src):
+        return "tagmoe"
+    megatron = _megatron_hint(src)
+    if megatron is not None:
+        raise ValueError(
+            f"--src {src} looks like a Megatron-core checkpoint ({megatron}); Megatron sources are "
+            "not supported yet (a Megatron GPT maps onto neither target without a Megatron -> "
+            "Hugging Face conversion; see docs/upcycling.md). Convert it to a Hugging Face Llama "
+            "checkpoint first, or use Megatron-core's own upcycling. Supported sources: "
+            f"{supported_sources_text()}")
+    if any(src.glob("*model_states.pt")) or any(src.glob("*/*model_states.pt")):
+        raise ValueError(f"--src {src} is a DeepSpeed checkpoint without tagmoe_dist's "
+                         "model_config.yaml beside it, so the model is unknown. Supported sources: "
+                         f"{supported_sources_text()}")
+    raise ValueError(f"--src {src} is not a checkpoint this tool reads. Supported sources: "
+                     f"{supported_sources_text()}")
+
+
+def format_mismatch(kind: str, fmt: str, src: Path) -> str:
+    if kind == "tagmoe":
+        return (f"--src {src} is a tagmoe_dist GPT checkpoint; it upcycles to --format tagmoe "
+                "only (the GPT's LayerNorm, learned positions and tied head have no Hugging Face "
+                "MoE counterpart); pass --format tagmoe")
+    return (f"--src {src} is a Hugging Face checkpoint; it upcycles to --format hf only (no "
+            "tagmoe_dist model implements Llama/Mistral/Qwen2 attention); pass --format hf")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tagmoe_dist.upcycle import recipes
+from tagmoe_dist.upcycle import archs, recipes
 from tagmoe_dist.upcycle.hf import CODE_DTYPES, DenseCheckpoint, ShardedWriter, copy_side_files, sha256_file
 from tagmoe_dist.upcycle.options import UpcycleOptions
 from tagmoe_dist.upcycle.plan import Plan, make_plan
@@ -32,7 +32,15 @@ def upcycle(opts: UpcycleOptions, progress: bool | None = None) -> Path:
     """Convert `opts.src` into `opts.dst` and return `opts.dst`.
 
     progress: True/False forces the tqdm bar on/off; None shows it only on a terminal.
+    A Hugging Face source becomes --format hf (below); a tagmoe_dist GPT checkpoint becomes
+    --format tagmoe (`tagmoe.py`). Other sources are refused, listing the supported ones.
     """
+    kind = archs.source_kind(opts.src)
+    if kind != opts.format:
+        raise ValueError(archs.format_mismatch(kind, opts.format, opts.src))
+    if kind == "tagmoe":
+        from tagmoe_dist.upcycle.tagmoe import upcycle_gpt
+        return upcycle_gpt(opts, progress)
     dst = opts.dst
     if dst.exists() and not opts.force:
         raise ValueError(f"--dst {dst} already exists; pass --force to overwrite it or choose "
@@ -44,7 +52,7 @@ def upcycle(opts: UpcycleOptions, progress: bool | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
         try:
             _write_all(ckpt, plan, opts, tmp, progress)
-            _replace_dir(tmp, dst)
+            replace_dir(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -145,7 +153,7 @@ def _metadata(plan: Plan, opts: UpcycleOptions, hashes: dict, index: dict, side:
     }
 
 
-def _replace_dir(tmp: Path, dst: Path):
+def replace_dir(tmp: Path, dst: Path):
     """Put `tmp` at `dst` with renames only; an existing `dst` is removed after the swap."""
     if not dst.exists():
         os.rename(tmp, dst)

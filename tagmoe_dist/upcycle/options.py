@@ -89,18 +89,15 @@ class UpcycleOptions:
     def _check_format(self):
         if self.format not in FORMATS:
             raise ValueError(f"--format {self.format!r} is not one of {FORMATS}")
-        if self.format == "tagmoe":
-            raise ValueError("--format tagmoe is not supported yet in this version of the converter; "
-                             "use --format hf (Mixtral / Qwen2-MoE layout)")
         if self.router not in ROUTERS:
             raise ValueError(f"--router {self.router!r} is not one of {ROUTERS}")
-        if self.router == "task_aware":
+        if self.format == "hf" and self.router == "task_aware":
             raise ValueError("--router task_aware needs task embeddings, which the Hugging Face "
                              "Mixtral/Qwen2-MoE layouts cannot hold; use --router topk with "
-                             "--format hf")
-        if self.task_schema is not None:
-            raise ValueError("--task-schema only applies to --router task_aware, which --format hf "
-                             "does not support; drop --task-schema")
+                             "--format hf, or --format tagmoe")
+        if self.task_schema is not None and self.router != "task_aware":
+            raise ValueError("--task-schema only applies to --router task_aware (with --format "
+                             "tagmoe); drop --task-schema or add --router task_aware")
 
     def _check_counts(self):
         for flag, value in (("--num-experts", self.num_experts), ("--top-k", self.top_k),
