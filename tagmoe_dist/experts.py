@@ -40,67 +40,6 @@ def grouped_mm(x_ND: torch.Tensor, w_LDF: torch.Tensor, counts_L: torch.Tensor) 
     return torch.cat([b @ w for b, w in zip(blocks, w_LDF.unbind(0))])
 
 
-def _blocks(counts: Sequence[int]):
-    start = 0
-    for l, c in enumerate(counts):
-        yield l, start, start + c
-        start += c
-
-
-class _LoopExpertMLP(torch.autograd.Function):
-    """act(x @ w1[l]) @ w2[l] per expert block with one BLAS call per block and per product.
-
-    On CPU this beats aten's grouped_mm (which zero-fills and copies) and keeps buffers in place:
-    products are written straight into slices of one output with `out=`. The activation runs once
-    over the whole buffer; its backward is taken from autograd on a recomputed activation, so the
-    SwiGLU / GELU derivatives are torch's own.
-    """
-
-    @staticmethod
-    def forward(ctx, x_ND, w1_LDH, w2_LFD, counts, act):
-        N = x_ND.shape[0]
-        h_NH = x_ND.new_empty(N, w1_LDH.shape[-1])
-        for l, a, b in _blocks(counts):
-            if b > a:
-                torch.mm(x_ND[a:b], w1_LDH[l], out=h_NH[a:b])
-        act_NF = act(h_NH)
-        y_ND = x_ND.new_empty(N, w2_LFD.shape[-1])
-        for l, a, b in _blocks(counts):
-            if b > a:
-                torch.mm(act_NF[a:b], w2_LFD[l], out=y_ND[a:b])
-        ctx.save_for_backward(x_ND, w1_LDH, w2_LFD, h_NH)
-        ctx.counts, ctx.act = counts, act
-        return y_ND
-
-    @staticmethod
-    def backward(ctx, gy_ND):
-        x_ND, w1_LDH, w2_LFD, h_NH = ctx.saved_tensors
-        counts, act = ctx.counts, ctx.act
-        gy_ND = gy_ND.contiguous()
-        with torch.enable_grad():
-            h_leaf = h_NH.detach().requires_grad_(True)
-            act_NF = act(h_leaf)
-        N = x_ND.shape[0]
-        gact_NF = x_ND.new_empty(N, w2_LFD.shape[1])
-        gw2 = torch.empty_like(w2_LFD)
-        for l, a, b in _blocks(counts):
-            if b > a:
-                torch.mm(gy_ND[a:b], w2_LFD[l].t(), out=gact_NF[a:b])
-                torch.mm(act_NF[a:b].detach().t(), gy_ND[a:b], out=gw2[l])
-            else:
-                gw2[l].zero_()
-        (gh_NH,) = torch.autograd.grad(act_NF, h_leaf, gact_NF)
-        gx_ND = x_ND.new_empty(x_ND.shape)
-        gw1 = torch.empty_like(w1_LDH)
-        for l, a, b in _blocks(counts):
-            if b > a:
-                torch.mm(gh_NH[a:b], w1_LDH[l].t(), out=gx_ND[a:b])
-                torch.mm(x_ND[a:b].t(), gh_NH[a:b], out=gw1[l])
-            else:
-                gw1[l].zero_()
-        return gx_ND, gw1, gw2, None, None
-
-
 def swiglu(h_NF2: torch.Tensor) -> torch.Tensor:
     gate, up = h_NF2.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -171,8 +110,13 @@ class GroupedExperts(nn.Module):
         if x_ND.is_cuda and _HAS_GROUPED_MM:
             counts_t = torch.as_tensor(counts_L, device=x_ND.device)
             return grouped_mm(self.act(grouped_mm(x_ND, self.w1, counts_t)), self.w2, counts_t)
+        # CPU: the fused per-expert BLAS kernel of dispatch/local.py, rows already in order
+        from tagmoe_dist.dispatch.local import local_moe
         counts = counts_L if isinstance(counts_L, list) else counts_L.tolist()
-        return _LoopExpertMLP.apply(x_ND, self.w1, self.w2, counts, self.act)
+        N = x_ND.shape[0]
+        rows = torch.arange(N, device=x_ND.device)
+        return local_moe(x_ND, self.w1, self.w2, x_ND.new_ones(N), rows, counts, self.act,
+                         max(N, 1))
 
 
 class DenseMLP(nn.Module):

@@ -25,17 +25,10 @@ from __future__ import annotations
 from typing import Callable, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from tagmoe_dist.dispatch import permute as P
+from tagmoe_dist.dispatch.alltoall import all_to_all_start
 from tagmoe_dist.experts import activation_backward
-
-
-def _a2a_start(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group):
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits,
-                                  input_split_sizes=in_splits, group=group, async_op=True)
-    return out, work
 
 
 def _blocks(counts: List[int]):
@@ -83,7 +76,7 @@ class ExpertParallelMoE(torch.autograd.Function):
         def dispatch(c):
             ch = chunks[c]
             buf = x_TD.index_select(0, token_N.index_select(0, ch.send_rows))
-            return _a2a_start(buf, ch.out_splits, ch.in_splits, group)
+            return all_to_all_start(buf, ch.out_splits, ch.in_splits, group)
 
         def scatter(c, back_ND, work):
             work.wait()
@@ -117,7 +110,7 @@ class ExpertParallelMoE(torch.autograd.Function):
             o_RD = x_RD.new_empty(x_RD.shape)
             for l, a, n in _blocks(ch.counts_L):
                 torch.mm(a_RF[a:a + n], w2_LFD[l], out=o_RD[a:a + n])
-            combine = _a2a_start(o_RD.index_select(0, ch.restore), ch.in_splits, ch.out_splits, group)
+            combine = all_to_all_start(o_RD.index_select(0, ch.restore), ch.in_splits, ch.out_splits, group)
             if pending is not None:
                 scatter(*pending)
             pending = (c, *combine)
@@ -147,7 +140,7 @@ class ExpertParallelMoE(torch.autograd.Function):
             gy_ND = gy_TD.index_select(0, tok)
             gw_N[ch.send_rows] = (gy_ND * saved_out[c]).sum(1)
             g_out = gy_ND * w_N.index_select(0, ch.send_rows)[:, None]
-            return _a2a_start(g_out, ch.out_splits, ch.in_splits, group)
+            return all_to_all_start(g_out, ch.out_splits, ch.in_splits, group)
 
         def gather_back(c, g_ND, work):
             work.wait()
@@ -177,7 +170,7 @@ class ExpertParallelMoE(torch.autograd.Function):
             for l, a, n in _blocks(ch.counts_L):
                 torch.mm(gh_RH[a:a + n], w1_LDH[l].t(), out=gx_RD[a:a + n])
                 gw1[l].addmm_(x_RD[a:a + n].t(), gh_RH[a:a + n])
-            back = _a2a_start(gx_RD.index_select(0, ch.restore), ch.in_splits, ch.out_splits, group)
+            back = all_to_all_start(gx_RD.index_select(0, ch.restore), ch.in_splits, ch.out_splits, group)
             if pending is not None:
                 gather_back(*pending)
             pending = (c, *back)
