@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from tagmoe_dist import faults
 from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
 from tagmoe_dist.training import checkpoint as ckpt
@@ -33,7 +34,7 @@ TRAIN_DEFAULTS: Dict[str, Any] = dict(
     seed=0, ep_size=1, steps=100, batch_size_per_rank=8, grad_accum=1, lr=1e-3, min_lr=1e-4,
     warmup_steps=10, weight_decay=0.0, grad_clip=1.0, eval_interval=50, eval_samples_per_task=32,
     log_interval=10, checkpoint_interval=0, log_dir="runs/default", data="synthetic",
-    eval_data="", tokenizer="byte")
+    eval_data="", tokenizer="byte", heartbeat_timeout_s=60.0)
 
 
 def parse_args(argv=None):
@@ -69,6 +70,9 @@ def load_train_config(cfg: GPTConfig, overrides) -> Dict[str, Any]:
     for k in ("steps", "batch_size_per_rank", "grad_accum", "ep_size", "eval_samples_per_task"):
         if train[k] < 1:
             raise ValueError(f"train.{k} must be >= 1, got {train[k]}")
+    if train["heartbeat_timeout_s"] != 0 and train["heartbeat_timeout_s"] < 2:
+        raise ValueError("train.heartbeat_timeout_s must be 0 (watchdog off) or >= 2 seconds, "
+                         f"got {train['heartbeat_timeout_s']}")
     return train
 
 
@@ -201,8 +205,21 @@ def main(argv=None) -> int:
     schema = cfg.load_task_schema()
     data, evals = build_data(cfg, train, schema)
     tds.init_distributed()
+    # A rank that dies or hangs makes the others exit (code 75) naming it, within the timeout.
+    with faults.Watchdog.start(train["heartbeat_timeout_s"]):
+        return _train(args, cfg, train, ds_config, world, schema, data, evals)
+
+
+def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any], world: int,
+           schema, data, evals) -> int:
     import deepspeed
+    from tagmoe_dist.integrations import deepspeed as tds
     rank = dist.get_rank()
+    if rank == 0:
+        from tagmoe_dist.launch import discover
+        info = discover()
+        print(f"launch: {world} processes via {info.launcher}, master {info.master_addr}:"
+              f"{info.master_port}", file=sys.stderr)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     torch.manual_seed(train["seed"])
