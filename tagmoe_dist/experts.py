@@ -7,7 +7,7 @@ grouped GEMM covers all local experts and no per-expert module loop runs in the 
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn

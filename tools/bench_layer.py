@@ -34,7 +34,6 @@ def _free_port():
 
 # ---------------------------------------------------------------- one measurement (child side)
 def _build(impl, E, K, F, ep):
-    import torch
     import torch.nn as nn
     if impl == "dense":
         return nn.Sequential(nn.Linear(HIDDEN, K * F), nn.GELU(approximate="tanh"),
@@ -44,7 +43,6 @@ def _build(impl, E, K, F, ep):
         cfg = tm.MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=F, num_experts=E, top_k=K,
                            activation="gelu", norm_topk_prob=K > 1)
         return tm.MoELayer(cfg, groups=tm.ParallelGroups.build(ep_size=ep)), None
-    import deepspeed
     from deepspeed.moe.layer import MoE
     expert = nn.Sequential(nn.Linear(HIDDEN, F), nn.GELU(approximate="tanh"), nn.Linear(F, HIDDEN))
     kw = dict(top2_2nd_expert_sampling=False) if K == 2 else {}
@@ -116,10 +114,10 @@ def main():
         return child(impl, *map(int, nums))
     print(f"one MoE layer, forward+backward, {TOKENS} tokens/rank, hidden {HIDDEN}, GELU experts, "
           f"dropless, 1 thread/process, median of {a.runs}")
-    hdr = (f"| shape | E | k | F | EP | " + " | ".join(f"{i} ms | {i} peak MB" for i in a.impl) +
+    hdr = ("| shape | E | k | F | EP | " + " | ".join(f"{i} ms | {i} peak MB" for i in a.impl) +
            " | tagmoe/deepspeed | tagmoe/floor | deepspeed/floor |")
     print(hdr)
-    print("|" + "---|" * hdr.count("|")[:-1] if False else "|" + "---|" * (hdr.count("|") - 1))
+    print("|" + "---|" * (hdr.count("|") - 1))
     for ep in a.ep:
         for name, E, K, F in SHAPES:
             res = {}

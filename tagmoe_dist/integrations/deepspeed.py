@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
 
-from tagmoe_dist.experts import GroupedExperts
 from tagmoe_dist.parallel import ParallelGroups
 
 _DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
