@@ -8,7 +8,12 @@ Fairness, by construction:
   2. the training batches of a seed (and, for images, their noise and t) are built once and fed
      to every variant in the same order; the evaluation batches are the same for every run;
   3. `compare` refuses variants whose active parameter counts differ (`num_params(active_only)`);
-  4. each model is initialised after `torch.manual_seed(seed)`.
+  4. each model is initialised after `torch.manual_seed(seed)`, then every weight it shares (by
+     name and shape) with its top-k twin (`topk_twin`: the same config with a plain top-k
+     router) is copied from the twin's initialisation: top-k and TAG start from identical
+     weights (TAG only adds the alignment head), and dense shares their embeddings and
+     attention. The models' constructors draw the alignment head first, so without this step
+     the two would differ in every weight.
 Single process (`ParallelGroups.single()`), plain torch AdamW, no DeepSpeed.
 """
 
@@ -22,7 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from tagmoe_dist.analysis import RoutingStats, routing_entropy, task_expert_mutual_information
+from tagmoe_dist.analysis import (RoutingStats, heatmap_figure, routing_entropy,
+                                  task_expert_mutual_information)
 from tagmoe_dist.benchmark.workloads import VARIANTS, Workload
 
 
@@ -68,7 +74,7 @@ class RunResult:
     active_params: int
     total_params: int
     seconds: float
-    train_loss: float                           # mean of the last log interval
+    train_loss: float                           # mean training loss of the last log interval
 
     @property
     def mean_loss(self) -> float:
@@ -100,9 +106,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+@dataclasses.dataclass
+class EvalResult:
+    task_loss: Dict[str, float]                 # mean per-sample loss of each task
+    routing_LKE: Optional[torch.Tensor]         # routing choices [L, K, E] (None: no MoE layer)
+    router_entropy_L: List[float]               # mean per-token entropy of the router's softmax
+    align_acc: Optional[float]                  # TAG: nearest-tag-set accuracy of the predictor
+
+
 @torch.no_grad()
-def evaluate(model, workload: Workload, batches: Sequence[dict]):
-    """(per-task mean loss, routing counts [L, K, E] or None, alignment accuracy or None)."""
+def evaluate(model, workload: Workload, batches: Sequence[dict]) -> EvalResult:
+    """Per-task loss and routing statistics of `model` on `batches` (eval mode, no gradients).
+    Routing counts leave out padding tokens (`workload.token_mask`)."""
     was_training = model.training
     model.eval()
     K = len(workload.task_names)
@@ -111,6 +126,7 @@ def evaluate(model, workload: Workload, batches: Sequence[dict]):
     stats = RoutingStats(len(layers), layers[0].cfg.num_experts, workload.task_names) if layers else None
     if stats is not None:
         stats.attach(layers)
+    entropy_L = [0.0] * len(layers)
     acc_sum, acc_n = 0.0, 0
     try:
         for batch in batches:
@@ -120,6 +136,8 @@ def evaluate(model, workload: Workload, batches: Sequence[dict]):
             count_K.index_add_(0, task_B, torch.ones_like(loss_B))
             if stats is not None:
                 stats.commit(task_B, workload.token_mask(batch))
+            for i, layer in enumerate(layers):
+                entropy_L[i] += float(layer.last_stats["entropy"]) / len(batches)
             if getattr(model, "last_align", None):
                 acc_sum, acc_n = acc_sum + float(model.last_align["acc"]), acc_n + 1
     finally:
@@ -128,7 +146,33 @@ def evaluate(model, workload: Workload, batches: Sequence[dict]):
         model.train(was_training)
     per_task = {n: float(loss_sum_K[k] / count_K[k]) for k, n in enumerate(workload.task_names)
                 if count_K[k] > 0}
-    return per_task, (stats.counts.clone() if stats else None), (acc_sum / acc_n if acc_n else None)
+    return EvalResult(per_task, stats.counts.clone() if stats else None, entropy_L,
+                      acc_sum / acc_n if acc_n else None)
+
+
+_TASK_ONLY = ("task_conditioning",)          # MoEConfig fields a top-k router refuses
+
+
+def topk_twin(cfg):
+    """The plain top-k MoE model of the same shape as `cfg` (the reference initialisation)."""
+    moe = {k: v for k, v in cfg.moe.items() if k not in _TASK_ONLY}
+    moe["router"] = "topk"
+    return dataclasses.replace(cfg, arch="moe", moe_every=cfg.moe_every or 1, moe=moe)
+
+
+def init_model(workload: Workload, variant: str, seed: int) -> tuple:
+    """(config, model) initialised as point 4 of the module docstring says."""
+    cfg = workload.config(variant)
+    torch.manual_seed(seed)
+    model = workload.build(cfg)
+    twin = topk_twin(cfg)
+    if twin != cfg:
+        torch.manual_seed(seed)
+        ref = workload.build(twin).state_dict()
+        own = model.state_dict()
+        shared = {k: v for k, v in ref.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(shared, strict=False)
+    return cfg, model
 
 
 def train_run(workload: Workload, variant: str, seed: int, budget: Budget,
@@ -137,16 +181,14 @@ def train_run(workload: Workload, variant: str, seed: int, budget: Budget,
     """Train one variant on the given batches (one optimizer step per batch), then evaluate."""
     if len(train_batches) < budget.steps:
         raise ValueError(f"train_run: {len(train_batches)} batches for {budget.steps} steps")
-    cfg = workload.config(variant)
-    torch.manual_seed(seed)
-    model = workload.build(cfg)
+    cfg, model = init_model(workload, variant, seed)
     model.train()
     opt = torch.optim.AdamW(param_groups(model, budget.weight_decay), lr=budget.lr, betas=(0.9, 0.95))
     layers = model.moe_layers()
     L, K = len(layers), len(workload.task_names)
     E = layers[0].cfg.num_experts if layers else 0
     writer = _writer(tb_dir, workload.name, variant, seed)
-    history, interval_LKE, losses = [], torch.zeros(L, K, E, dtype=torch.long), []
+    history, interval_LKE, losses, align = [], torch.zeros(L, K, E, dtype=torch.long), [], []
     t0 = time.perf_counter()
     for step in range(budget.steps):
         batch = train_batches[step]
@@ -161,19 +203,27 @@ def train_run(workload: Workload, variant: str, seed: int, budget: Budget,
         for layer in layers:
             layer.update_expert_bias()
         losses.append(float(loss.detach()))
+        if getattr(model, "last_align", None):
+            align.append(float(model.last_align["loss"]))
         for i, layer in enumerate(layers):
             # per-sample routing counts [B, E] summed by task (text: padding tokens included)
             interval_LKE[i].index_add_(0, batch["task_index"], layer.last_stats["sample_load"].cpu())
         if (step + 1) % budget.log_every == 0 or step + 1 == budget.steps:
-            history.append({"step": step + 1, "routing_LKE": interval_LKE.clone()})
+            n = step + 1 - (history[-1]["step"] if history else 0)       # steps in this interval
+            entry = {"step": step + 1, "routing_LKE": interval_LKE.clone(),
+                     "loss": sum(losses[-n:]) / n}
+            if align:
+                entry["align_loss"] = sum(align[-n:]) / len(align[-n:])
+            history.append(entry)
             if writer is not None:
-                _log_train(writer, step + 1, losses[-budget.log_every:], interval_LKE, model)
+                figures = len(history) % 5 == 0          # heat maps every 5th interval (slow)
+                _log_train(writer, entry, interval_LKE, workload.task_names, figures)
             interval_LKE.zero_()
     seconds = time.perf_counter() - t0
-    task_loss, routing_LKE, acc = evaluate(model, workload, eval_batches)
-    result = RunResult(workload.name, variant, seed, task_loss, routing_LKE, history, acc,
+    ev = evaluate(model, workload, eval_batches)
+    result = RunResult(workload.name, variant, seed, ev.task_loss, ev.routing_LKE, history, ev.align_acc,
                        model.num_params(active_only=True), model.num_params(), seconds,
-                       sum(losses[-budget.log_every:]) / len(losses[-budget.log_every:]))
+                       history[-1]["loss"])
     if writer is not None:
         _log_eval(writer, budget.steps, result, workload.task_names)
         writer.close()
@@ -235,16 +285,21 @@ def _writer(tb_dir, workload, variant, seed):
     return SummaryWriter(str(Path(tb_dir) / run_stem(workload, variant, seed)))
 
 
-def _log_train(writer, step, losses, counts_LKE, model):
-    writer.add_scalar("loss/train", sum(losses) / len(losses), step)
+def _log_train(writer, entry, counts_LKE, task_names, figures: bool):
+    """Scalars of one log interval, and its task x expert heat maps (training routing)."""
+    step = entry["step"]
+    writer.add_scalar("loss/train", entry["loss"], step)
     for i in range(counts_LKE.shape[0]):
         load_E = counts_LKE[i].sum(0)
         writer.add_scalar(f"moe/task_expert_mi/layer{i}", task_expert_mutual_information(counts_LKE[i]), step)
         writer.add_scalar(f"moe/load_entropy/layer{i}", routing_entropy(load_E), step)
         writer.add_scalars(f"moe/expert_load/layer{i}",
                            {f"e{e}": float(x) for e, x in enumerate(load_E)}, step)
-    if getattr(model, "last_align", None):
-        writer.add_scalar("moe/align_loss", float(model.last_align["loss"]), step)
+        if figures:
+            writer.add_figure(f"routing_train/layer{i}", heatmap_figure(
+                counts_LKE[i], task_names, f"MoE layer {i}: P(expert | task), steps to {step}"), step)
+    if "align_loss" in entry:
+        writer.add_scalar("moe/align_loss", entry["align_loss"], step)
 
 
 def _log_eval(writer, step, r: RunResult, task_names):

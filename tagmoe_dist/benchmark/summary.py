@@ -67,7 +67,7 @@ def paired_table(results: Sequence[RunResult], a: str = "tag", b: str = "topk") 
         d_worst.append(dw)
         rows.append(f"| {r.seed} | {dm:+.4f} | {dw:+.4f} | {r.mi - o.mi:+.3f} |")
     wins = sum(d < 0 for d in d_mean), sum(d < 0 for d in d_worst)
-    lines = [f"| seed | Δ mean | Δ worst | Δ MI |", "|---|---|---|---|"] + rows
+    lines = ["| seed | Δ mean | Δ worst | Δ MI |", "|---|---|---|---|"] + rows
     lines.append(f"| all | {_fmt(d_mean)} | {_fmt(d_worst)} | |")
     return (f"{a} − {b} per seed (negative loss = {a} better): {a} wins the mean on {wins[0]}/"
             f"{len(d_mean)} seeds and the worst task on {wins[1]}/{len(d_worst)}.\n\n"
@@ -92,7 +92,15 @@ def routing_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def pairs(results: Sequence[RunResult]) -> List[tuple]:
+    """(TAG variant, its top-k baseline): tag vs topk, and tag<suffix> vs topk<suffix>."""
+    names = set(by_variant(results))
+    return [(v, "topk" + v[3:]) for v in sorted(names)
+            if v.startswith("tag") and "topk" + v[3:] in names]
+
+
 def markdown(results: Sequence[RunResult], title: str = "") -> str:
-    parts = [f"### {title}" if title else "", loss_table(results), paired_table(results),
-             routing_table(results)]
+    parts = [f"### {title}" if title else "", loss_table(results)]
+    parts += [paired_table(results, a, b) for a, b in pairs(results)]
+    parts.append(routing_table(results))
     return "\n\n".join(p for p in parts if p) + "\n"

@@ -15,8 +15,9 @@ of that seed trains on exactly those tensors in exactly that order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 import yaml
@@ -85,18 +86,18 @@ def _chunks(n: int, size: int):
 
 
 # ---------------------------------------------------------------------- text
-TEXT_DATA = dict(seq_len=32, max_len=8, max_digits=3)     # 27 tokens at most: fits seq_len 32
+TEXT_DATA = dict(seq_len=24, max_len=6, max_digits=3)     # 23 tokens at most: fits seq_len 24
 
 
-def _text_train(seed: int, steps: int, batch: int) -> List[dict]:
-    ds = SyntheticTextTasks(steps * batch, seed=seed, **TEXT_DATA)
+def _text_train(data: dict, seed: int, steps: int, batch: int) -> List[dict]:
+    ds = SyntheticTextTasks(steps * batch, seed=seed, **data)
     collate = TaskCollator(ds.schema)
     return [collate([ds[i] for i in idx]) for idx in _chunks(steps * batch, batch)]
 
 
-def _text_eval(per_task: int, batch: int) -> List[dict]:
+def _text_eval(data: dict, per_task: int, batch: int) -> List[dict]:
     out = []
-    for ds in eval_splits(per_task, seed=EVAL_SEED, **TEXT_DATA).values():
+    for ds in eval_splits(per_task, seed=EVAL_SEED, **data).values():
         collate = TaskCollator(ds.schema)
         out += [collate([ds[i] for i in idx]) for idx in _chunks(len(ds), batch)]
     return out
@@ -107,10 +108,13 @@ def _text_loss(model, batch) -> torch.Tensor:
     return lm_loss(logits, batch["labels"], per_sample=True)
 
 
-def text_workload(configs: Optional[Dict[str, str]] = None) -> Workload:
+def text_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict] = None) -> Workload:
+    """data: SyntheticTextTasks arguments (seq_len, max_len, max_digits); default TEXT_DATA."""
+    data = dict(TEXT_DATA if data is None else data)
     return Workload("text", tuple(TASK_NAMES), text_task_schema(),
                     configs or {v: f"configs/models/cmp_text_{v}.yaml" for v in VARIANTS},
-                    _text_train, _text_eval, _text_loss, lambda b: b["attention_mask"])
+                    functools.partial(_text_train, data), functools.partial(_text_eval, data),
+                    _text_loss, lambda b: b["attention_mask"])
 
 
 # ---------------------------------------------------------------------- image
@@ -126,17 +130,17 @@ def _with_noise(batch: dict, gen: torch.Generator, t: Optional[float] = None) ->
     return batch
 
 
-def _image_train(seed: int, steps: int, batch: int) -> List[dict]:
-    ds = ImageTasks(steps * batch, seed=seed, **IMAGE_DATA)
+def _image_train(data: dict, seed: int, steps: int, batch: int) -> List[dict]:
+    ds = ImageTasks(steps * batch, seed=seed, **data)
     collate = ImageTaskCollator(ds.schema)
     gen = torch.Generator().manual_seed(10_000 + seed)
     return [_with_noise(collate([ds[i] for i in idx]), gen) for idx in _chunks(steps * batch, batch)]
 
 
-def _image_eval(per_task: int, batch: int) -> List[dict]:
+def _image_eval(data: dict, per_task: int, batch: int) -> List[dict]:
     gen = torch.Generator().manual_seed(EVAL_SEED)
     out = []
-    for ds in image_eval_splits(per_task, seed=EVAL_SEED, **IMAGE_DATA).values():
+    for ds in image_eval_splits(per_task, seed=EVAL_SEED, **data).values():
         collate = ImageTaskCollator(ds.schema)
         for idx in _chunks(len(ds), batch):
             b = collate([ds[i] for i in idx])
@@ -150,20 +154,31 @@ def _image_loss(model, batch) -> torch.Tensor:
                               per_sample=True)
 
 
-def image_workload(configs: Optional[Dict[str, str]] = None) -> Workload:
+def image_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict] = None) -> Workload:
+    """data: ImageTasks arguments (image_size); default IMAGE_DATA."""
+    data = dict(IMAGE_DATA if data is None else data)
     return Workload("image", tuple(IMAGE_TASK_NAMES), image_task_schema(),
                     configs or {v: f"configs/models/dit_{v}.yaml" for v in VARIANTS},
-                    _image_train, _image_eval, _image_loss, lambda b: None)
+                    functools.partial(_image_train, data), functools.partial(_image_eval, data),
+                    _image_loss, lambda b: None)
 
 
 WORKLOADS = {"text": text_workload, "image": image_workload}
 
 
-def get_workload(name: str, configs: Optional[Dict[str, str]] = None) -> Workload:
+def get_workload(name: str, configs: Optional[Dict[str, str]] = None,
+                 data: Optional[dict] = None) -> Workload:
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
-    return WORKLOADS[name](configs)
+    return WORKLOADS[name](configs, data)
 
 
-def task_names_of(cfg) -> Sequence[str]:
-    return IMAGE_TASK_NAMES if isinstance(cfg, DiTConfig) else TASK_NAMES
+def workload_for(cfg) -> Workload:
+    """The built-in workload a model config is evaluated on: the image tasks for a DiT; for a
+    GPT, the text tasks at the comparison's sizes when seq_len matches them, else at
+    tagmoe_dist.train's (SyntheticTextTasks defaults, seq_len of the model)."""
+    if isinstance(cfg, DiTConfig):
+        return image_workload(data=dict(image_size=cfg.image_size))
+    if cfg.seq_len == TEXT_DATA["seq_len"]:
+        return text_workload()
+    return text_workload(data=dict(seq_len=cfg.seq_len))

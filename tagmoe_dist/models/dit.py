@@ -4,11 +4,16 @@ trained by flow matching (rectified flow).
 Notation: B batch, C image channels, H W image size, p patch size, S = (H/p)(W/p) tokens,
 D d_model, L instruction length, E experts, N tags.
 
-Layout (DiT with adaLN-Zero, instruction-conditioned like InstructPix2Pix):
+Layout (DiT with adaLN-Zero; the source image enters by channel concatenation as in
+InstructPix2Pix, the instruction both as adaLN conditioning and as attention context):
   tokens   patchify(concat(x_t, source) over channels) -> linear -> + learned positions   [B, S, D]
-  cond     c = MLP(sinusoid(t)) + sum over slots l of Embed_l(instruction[:, l])       [B, D]
-  blocks   x += gate1(c) * attn(modulate(norm(x), c)); x += gate2(c) * ffn(modulate(norm(x), c))
+  instr    e_BLD = Embed_l(instruction[:, l]) per slot l                                   [B, L, D]
+  cond     c = MLP(sinusoid(t)) + sum_l e_BLD[:, l]                                         [B, D]
+  blocks   x += gate1(c) * attn(q = modulate(norm(x), c), k/v over [norm(e); modulate(norm(x), c)])
+           x += gate2(c) * ffn(modulate(norm(x), c))
   out      modulate(norm(x), c) -> linear (zero-init) -> unpatchify: the velocity  [B, C, H, W]
+The instruction tokens are context only (as the text stream of the paper's MMDiT, whose FFNs are
+not the MoE ones): image tokens attend to them, the FFNs and routers see image tokens alone.
 Block i has an MoE FFN iff (i + 1) % moe_every == 0, as in gpt.py; a dense FFN is
 `top_k * ffn_hidden_size (+ shared)` wide, so every variant has the same active parameters.
 
@@ -169,10 +174,12 @@ class Attention(nn.Module):
         nn.init.normal_(self.proj.weight, std=std)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, ctx_BLD: torch.Tensor) -> torch.Tensor:
+        """Queries from x; keys and values from [ctx; x] (ctx: context tokens, not updated)."""
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).split(D, dim=-1)
-        q, k, v = (t.view(B, S, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.qkv(torch.cat([ctx_BLD, x_BSD], dim=1)).split(D, dim=-1)
+        q = q[:, ctx_BLD.shape[1]:]
+        q, k, v = (t.reshape(B, -1, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
         y_BHSd = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y_BHSd.transpose(1, 2).reshape(B, S, D))
 
@@ -194,9 +201,10 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x_BSD, c_BD, task):
+    def forward(self, x_BSD, c_BD, e_BLD, task):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c_BD)).chunk(6, dim=-1)
-        x_BSD = x_BSD + g1[:, None] * self.attn(_modulate(self.norm1(x_BSD), sh1, sc1))
+        x_BSD = x_BSD + g1[:, None] * self.attn(_modulate(self.norm1(x_BSD), sh1, sc1),
+                                                self.norm1(e_BLD))
         h_BSD = _modulate(self.norm2(x_BSD), sh2, sc2)
         y_BSD = self.ffn(h_BSD, task=task) if isinstance(self.ffn, MoELayer) else self.ffn(h_BSD)
         return x_BSD + g2[:, None] * y_BSD
@@ -272,9 +280,10 @@ class DiT(nn.Module):
         task = task if self.uses_tasks else None
         x_BSD = self.patch_in(self.patchify(torch.cat([x_t, source], dim=1))) + self.pos
         slots_L = torch.arange(cfg.instruction_len, device=instruction.device)
-        c_BD = self.t_mlp(timestep_embedding(t, cfg.d_model)) + self.instr[slots_L, instruction].sum(1)
+        e_BLD = self.instr[slots_L, instruction]
+        c_BD = self.t_mlp(timestep_embedding(t, cfg.d_model)) + e_BLD.sum(1)
         for block in self.blocks:
-            x_BSD = block(x_BSD, c_BD, task)
+            x_BSD = block(x_BSD, c_BD, e_BLD, task)
         x_BSD = self._attach_alignment(x_BSD)
         shift_BD, scale_BD = self.ada_out(F.silu(c_BD)).chunk(2, dim=-1)
         return self.unpatchify(self.patch_out(_modulate(self.norm_out(x_BSD), shift_BD, scale_BD)))

@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from tagmoe_dist.analysis import task_expert_mutual_information
+from tagmoe_dist.analysis import heatmap_figure, task_expert_mutual_information
 
 _AUX = ("aux", "z")
 
@@ -117,6 +117,9 @@ class MetricLogger:
             if counts_KE.sum() > 0:
                 w.add_scalar(f"moe/task_expert_mi/layer{i}",
                              task_expert_mutual_information(counts_KE), step)
+                w.add_figure(f"routing/task_expert_layer{i}",
+                             heatmap_figure(counts_KE, self.task_names,
+                                            title=f"layer {i}: routing share by task"), step)
                 load_E = counts_KE.sum(0)
                 w.add_histogram(f"moe/expert_load/layer{i}",
                                 torch.repeat_interleave(torch.arange(self.E), load_E.long()),
