@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "PyYAML>=6", "tqdm"],
     extras_require={
-        "deepspeed": ["deepspeed>=0.16", "tensorboard"],
+        "deepspeed": ["deepspeed>=0.16", "tensorboard", "matplotlib"],
         "megatron": ["megatron-core>=0.12"],
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
