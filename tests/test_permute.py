@@ -112,3 +112,19 @@ def test_split_counts_and_block_rows(C, seed):
     offs = torch.cumsum(parts, 0) - parts
     rows = torch.cat([P.block_rows(starts + offs[c], parts[c]) for c in range(C)])
     assert torch.equal(rows.sort().values, torch.arange(int(counts.sum())))
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.integers(1, 11))
+def test_row_chunks_cover_every_row_once(counts, max_rows):
+    chunks = P.row_chunks(counts, max_rows)
+    owner = [e for e, c in enumerate(counts) for _ in range(c)]   # expert of each row, naive
+    seen = []
+    for start, stop, pieces in chunks:
+        assert 0 < stop - start <= max_rows or sum(counts) == 0
+        off = 0
+        for e, first, n in pieces:
+            assert first == off and n > 0          # contiguous, in order, no empty piece
+            seen += [e] * n
+            off += n
+        assert off == stop - start
+    assert seen == owner

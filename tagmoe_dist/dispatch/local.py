@@ -5,11 +5,13 @@ H first-projection width (2F for SwiGLU), F expert width, L experts.
 
 Why fused and chunked: the unfused pipeline materialises [N, D] copies of the input and output
 (32 MB each for 4096 tokens x 8 choices x 256). Fresh CPU buffers of 32 MB and more are served
-by mmap and page-fault on every step, which cost more than the matmuls of fine-grained experts.
-Here each chunk of C rows is gathered, pushed through its experts, scaled by its combine weight
-in the narrow F space and scattered back; the backward walks the same chunks and accumulates the
-expert gradients in place. The gathered inputs [N, D] and pre-activations [N, H] are kept for
-backward, as any implementation keeps its dispatched tokens.
+by mmap and page-fault on every step, and a block gathered long before its GEMM runs has left
+the cache; both cost more than the matmuls of fine-grained experts. Here each chunk of C rows
+(about 1 MB) is gathered, pushed through its experts, scaled by its combine weight in the narrow
+F space and scattered back while it is still in cache; the backward walks the same chunks and
+accumulates the expert gradients in place. The gathered inputs [N, D], pre-activations [N, H]
+and activations [N, F] are kept for backward (no recomputation), as any implementation keeps
+its dispatched tokens.
 """
 
 from __future__ import annotations
@@ -22,15 +24,6 @@ from tagmoe_dist.dispatch.permute import row_chunks
 from tagmoe_dist.experts import activation_backward
 
 
-def _pieces(chunk_counts: List[int], start: int):
-    """(expert, row offset inside the chunk, rows) of the non-empty expert blocks of a chunk."""
-    off = 0
-    for l, c in enumerate(chunk_counts):
-        if c:
-            yield l, off, c
-        off += c
-
-
 class LocalMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, counts: List[int], act: Callable,
@@ -39,16 +32,16 @@ class LocalMoE(torch.autograd.Function):
         y_TD = x_TD.new_zeros(T, D)
         chunks = row_chunks(counts, max_rows)
         saved_h, saved_a, saved_x = [], [], []
-        for start, stop, cc in chunks:
+        for start, stop, pieces in chunks:
             tok_C = token_N[start:stop]
             x_CD = x_TD.index_select(0, tok_C)
             h_CH = x_CD.new_empty(stop - start, w1_LDH.shape[-1])
-            for l, a, n in _pieces(cc, start):
+            for l, a, n in pieces:
                 torch.mm(x_CD[a:a + n], w1_LDH[l], out=h_CH[a:a + n])
             a_CF = act(h_CH)
             s_CF = a_CF * w_N[start:stop, None]             # combine weight applied in F space
             y_CD = torch.empty_like(x_CD)
-            for l, a, n in _pieces(cc, start):
+            for l, a, n in pieces:
                 torch.mm(s_CF[a:a + n], w2_LFD[l], out=y_CD[a:a + n])
             y_TD.index_add_(0, tok_C, y_CD)
             saved_h.append(h_CH)
@@ -69,19 +62,19 @@ class LocalMoE(torch.autograd.Function):
         gw1 = torch.zeros_like(w1_LDH)
         gw2 = torch.zeros_like(w2_LFD)
         gw_N = torch.empty_like(w_N)
-        for (start, stop, cc), h_CH, a_CF, x_CD in zip(ctx.chunks, saved_h, saved_a, saved_x):
+        for (start, stop, pieces), h_CH, a_CF, x_CD in zip(ctx.chunks, saved_h, saved_a, saved_x):
             tok_C = token_N[start:stop]
             gy_CD = gy_TD.index_select(0, tok_C)
             w_C1 = w_N[start:stop, None]
             s_CF = a_CF * w_C1
             gs_CF = s_CF.new_empty(s_CF.shape)
-            for l, a, n in _pieces(cc, start):
+            for l, a, n in pieces:
                 torch.mm(gy_CD[a:a + n], w2_LFD[l].t(), out=gs_CF[a:a + n])
                 gw2[l].addmm_(s_CF[a:a + n].t(), gy_CD[a:a + n])
             gw_N[start:stop] = (gs_CF * a_CF).sum(1)
             gh_CH = activation_backward(act, gs_CF * w_C1, h_CH)
             gx_CD = gy_CD                                   # reuse the gathered buffer
-            for l, a, n in _pieces(cc, start):
+            for l, a, n in pieces:
                 torch.mm(gh_CH[a:a + n], w1_LDH[l].t(), out=gx_CD[a:a + n])
                 gw1[l].addmm_(x_CD[a:a + n].t(), gh_CH[a:a + n])
             gx_TD.index_add_(0, tok_C, gx_CD)

@@ -112,25 +112,28 @@ def chunk_sort_index(counts_SL: torch.Tensor, total: Optional[int] = None) -> to
     return shift_R + torch.arange(shift_R.numel(), device=counts_SL.device)
 
 
-def row_chunks(counts: List[int], max_rows: int) -> List[Tuple[int, int, List[int]]]:
+def row_chunks(counts: List[int], max_rows: int) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
     """Cut rows [0, sum(counts)) (grouped by expert) into consecutive chunks of at most
-    `max_rows` rows. Returns (start, stop, per-expert counts inside the chunk) for each chunk;
-    every chunk lists every expert (zeros included), so each one gets a gradient."""
+    `max_rows` rows. Returns, per chunk, (start, stop, pieces) where pieces are the non-empty
+    (expert, first row inside the chunk, rows) blocks of the chunk, in order. One merge walk
+    over chunks and experts: no per-chunk loop over every expert."""
     assert max_rows > 0
     total = sum(counts)
-    ends, acc = [], 0
-    for c in counts:
-        acc += c
-        ends.append(acc)
     out = []
+    e, e_start = 0, 0                       # first expert that may overlap the chunk, its first row
     for start in range(0, max(total, 1), max_rows):
         stop = min(start + max_rows, total)
-        inside, prev = [], 0
-        for end in ends:
-            lo, hi = max(prev, start), min(end, stop)
-            inside.append(max(0, hi - lo))
-            prev = end
-        out.append((start, stop, inside))
+        while e < len(counts) and e_start + counts[e] <= start:
+            e_start += counts[e]
+            e += 1
+        pieces, j, j_start = [], e, e_start
+        while j < len(counts) and j_start < stop:
+            lo, hi = max(j_start, start), min(j_start + counts[j], stop)
+            if hi > lo:
+                pieces.append((j, lo - start, hi - lo))
+            j_start += counts[j]
+            j += 1
+        out.append((start, stop, pieces))
     return out
 
 
