@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -35,9 +35,9 @@ import yaml
 
 from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.experts import DenseMLP
-from tagmoe_dist.gating.losses import AuxLossAutoScaler
 from tagmoe_dist.gating.task_aware import TaskAlignment
 from tagmoe_dist.layer import MoELayer
+from tagmoe_dist.models.common import MoEModelMixin
 from tagmoe_dist.parallel import ParallelGroups
 from tagmoe_dist.tasks import TaskSchema
 
@@ -210,7 +210,7 @@ class DiTBlock(nn.Module):
         return x_BSD + g2[:, None] * y_BSD
 
 
-class DiT(nn.Module):
+class DiT(MoEModelMixin, nn.Module):
     """`forward(x_t, t, source, instruction, task=None) -> velocity` (shape of x_t).
 
     x_t, source: float [B, C, H, W]; t: float [B] in [0, 1]; instruction: LongTensor [B, L];
@@ -287,48 +287,6 @@ class DiT(nn.Module):
         x_BSD = self._attach_alignment(x_BSD)
         shift_BD, scale_BD = self.ada_out(F.silu(c_BD)).chunk(2, dim=-1)
         return self.unpatchify(self.patch_out(_modulate(self.norm_out(x_BSD), shift_BD, scale_BD)))
-
-    def _attach_alignment(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        # Same contract as GPT._attach_alignment: one loss pooled over all MoE layers.
-        self.last_align = {}
-        if self.alignment is None:
-            return x_BSD
-        loss, acc = self.alignment.finish()     # always: it also resets the pool for next forward
-        if loss is None:
-            return x_BSD
-        self.last_align = {"loss": loss.detach(), "acc": acc}
-        if torch.is_grad_enabled():
-            x_BSD = AuxLossAutoScaler.apply(x_BSD, self.alignment.cfg.align_loss_coeff * loss,
-                                            self.aux_loss_scale)
-        return x_BSD
-
-    # ------------------------------------------------------------------ helpers
-    def moe_layers(self) -> List[MoELayer]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
-
-    def set_aux_loss_scale(self, scale: float) -> None:
-        self.aux_loss_scale = scale
-        for layer in self.moe_layers():
-            layer.aux_loss_scale = scale
-
-    def num_params(self, active_only: bool = False) -> int:
-        """Global parameter count, as GPT.num_params: with active_only, top_k/E of each MoE
-        layer's experts and no routing parameters (routers, alignment head), so the dense variant
-        (FFN width top_k * ffn_hidden_size) has exactly the active count of the MoE ones."""
-        routing = {id(p) for layer in self.moe_layers() for p in layer.router.parameters()}
-        if self.alignment is not None:
-            routing |= {id(p) for p in self.alignment.parameters()}
-        expert_share = {}
-        for layer in self.moe_layers():
-            frac = layer.cfg.top_k / layer.cfg.num_experts if active_only else 1.0
-            for p in layer.experts.parameters():
-                expert_share[id(p)] = frac * self.groups.ep_size
-        total = 0.0
-        for p in self.parameters():
-            if active_only and id(p) in routing:
-                continue
-            total += p.numel() * expert_share.get(id(p), 1.0)
-        return int(round(total))
 
 
 def flow_matching_loss(model: DiT, target: torch.Tensor, source: torch.Tensor,

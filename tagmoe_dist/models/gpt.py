@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -26,9 +26,9 @@ import yaml
 
 from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.experts import DenseMLP
-from tagmoe_dist.gating.losses import AuxLossAutoScaler
 from tagmoe_dist.gating.task_aware import TaskAlignment
 from tagmoe_dist.layer import MoELayer
+from tagmoe_dist.models.common import MoEModelMixin
 from tagmoe_dist.parallel import ParallelGroups
 from tagmoe_dist.tasks import TaskSchema
 
@@ -192,7 +192,7 @@ class Block(nn.Module):
         return x_BSD + self.ffn(h_BSD)
 
 
-class GPT(nn.Module):
+class GPT(MoEModelMixin, nn.Module):
     """`forward(input_ids_BS, task=None) -> logits_BSV`.
 
     task: LongTensor [B, levels] (-1 = unknown) or multi-hot [B, N]; used by task-aware routers,
@@ -244,57 +244,6 @@ class GPT(nn.Module):
             x_BSD = block(x_BSD, task)
         x_BSD = self._attach_alignment(x_BSD)
         return self.lm_head(self.ln_f(x_BSD))
-
-    def _attach_alignment(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        self.last_align = {}
-        if self.alignment is None:
-            return x_BSD
-        loss, acc = self.alignment.finish()     # always: it also resets the pool for next forward
-        if loss is None:
-            return x_BSD
-        self.last_align = {"loss": loss.detach(), "acc": acc}
-        if torch.is_grad_enabled():
-            x_BSD = AuxLossAutoScaler.apply(x_BSD, self.alignment.cfg.align_loss_coeff * loss,
-                                            self.aux_loss_scale)
-        return x_BSD
-
-    # ------------------------------------------------------------------ helpers
-    def moe_layers(self) -> List[MoELayer]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
-
-    def set_aux_loss_scale(self, scale: float) -> None:
-        """1/(gradient accumulation steps) when the main loss is averaged over micro-batches."""
-        self.aux_loss_scale = scale
-        for layer in self.moe_layers():
-            layer.aux_loss_scale = scale
-
-    def num_params(self, active_only: bool = False) -> int:
-        """Global parameter count (expert weights summed over the EP group; tied weights once).
-
-        active_only: the parameters one token's forward computes with. Per MoE layer that is
-        top_k of the E experts (+ the shared expert); routing parameters (router gates, the task
-        alignment head) are left out as routing overhead (E*D per MoE layer, plus the
-        training-only alignment head). With that count a dense FFN of width
-        top_k*ffn_hidden_size (+ shared width) is exactly as large, so for SwiGLU
-            active = V*D + S*D + n_layer*(attn 4*D^2 + 2 norms 4*D) + 2*D
-                     + n_layer * 3*D*(top_k*F + shared)
-        for the dense and every MoE variant alike.
-        """
-        routing = {id(p) for layer in self.moe_layers() for p in layer.router.parameters()}
-        if self.alignment is not None:
-            routing |= {id(p) for p in self.alignment.parameters()}
-        expert_share = {}
-        for layer in self.moe_layers():
-            frac = layer.cfg.top_k / layer.cfg.num_experts if active_only else 1.0
-            for p in layer.experts.parameters():
-                # local numel * ep_size = all experts; times top_k/E for the active share
-                expert_share[id(p)] = frac * self.groups.ep_size
-        total = 0.0
-        for p in self.parameters():         # nn.Module.parameters() yields tied weights once
-            if active_only and id(p) in routing:
-                continue
-            total += p.numel() * expert_share.get(id(p), 1.0)
-        return int(round(total))
 
 
 def lm_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, per_sample: bool = False,
