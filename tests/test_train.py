@@ -119,3 +119,15 @@ def test_trains_on_users_jsonl_with_per_task_eval(tmp_path):
     r = subprocess.run(cmd + [f"data={bad}"], cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode != 0 and f"{bad}:2" in r.stderr, r.stderr[-2000:]
+
+
+def test_optimizer_from_deepspeed_config(tmp_path):
+    """The optimizer may come from the DeepSpeed JSON instead of the client AdamW: the MoE
+    parameter groups are passed either way, and training runs under ZeRO-2 with EP=2."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tagmoe_dist.train", "--config", "configs/models/tiny_tag.yaml",
+           "--deepspeed_config", "configs/deepspeed/zero2_adamw.json",
+           "--set", "steps=2", f"log_dir={tmp_path}", *FAST]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(_losses(tmp_path)) == [1, 2]
