@@ -218,3 +218,21 @@ def test_input_jitter_only_in_training():
     layer.train()
     logits = [layer.router.compute_logits(x.reshape(-1, 16), None, None) for _ in range(2)]
     assert not torch.equal(logits[0], logits[1])      # multiplicative noise while training
+
+
+def _eval_equals_train_forward(rank, world):
+    torch.manual_seed(0)
+    layer = tm.MoELayer(cfg(num_shared_experts=1, overlap_chunks=2),
+                        groups=tm.ParallelGroups.build(ep_size=world))
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        a = layer(x)
+    b = layer(x)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not a.requires_grad and b.requires_grad
+
+
+def test_expert_parallel_forward_under_no_grad():
+    """Evaluation (torch.no_grad) takes the graph-free path of the shared expert and still equals
+    the training forward."""
+    run_distributed(_eval_equals_train_forward, 2)

@@ -69,7 +69,8 @@ def plan_chunks(counts_E: torch.Tensor, recv_SL: torch.Tensor, num_chunks: int,
 class ExpertParallelMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks: List[_Chunk], act: Callable, group,
-                shared: Optional[Callable]):
+                shared: Optional[Callable], needs_grad: bool):
+        ctx.needs_grad = needs_grad
         T, D = x_TD.shape
         saved_x, saved_h, saved_a, saved_out = [], [], [], []
 
@@ -88,11 +89,13 @@ class ExpertParallelMoE(torch.autograd.Function):
         # The shared expert needs no exchange: run it while the first chunk travels. Its graph is
         # built here and back-propagated inside backward(), again while tokens travel.
         shared_in = shared_out = None
-        if shared is not None:
+        if shared is not None and ctx.needs_grad:
             with torch.enable_grad():
                 shared_in = x_TD.detach().requires_grad_(True)
                 shared_out = shared(shared_in)
             y_TD = shared_out.detach().clone()
+        elif shared is not None:                    # evaluation: no graph to keep
+            y_TD = shared(x_TD)
         else:
             y_TD = x_TD.new_zeros(T, D)
         pending = None
@@ -176,9 +179,11 @@ class ExpertParallelMoE(torch.autograd.Function):
             pending = (c, *back)
         if pending is not None:
             gather_back(*pending)
-        return gx_TD, gw1, gw2, gw_N, None, None, None, None, None
+        return gx_TD, gw1, gw2, gw_N, None, None, None, None, None, None
 
 
 def expert_parallel_moe(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared=None):
     """Routed experts (+ the shared expert, if given, overlapped with the first exchange)."""
-    return ExpertParallelMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared)
+    # Inside forward() grad mode is off; whether a backward will come is decided out here.
+    return ExpertParallelMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared,
+                                   torch.is_grad_enabled())
