@@ -1,7 +1,6 @@
 """Public API: task schema, config validation, input layouts, weights across EP layouts,
 task-level extraction, aux-loss-free bias."""
 
-import re
 from pathlib import Path
 
 import pytest
