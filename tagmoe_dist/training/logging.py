@@ -38,7 +38,8 @@ class MetricLogger:
         self.writer = self.bar = self.jsonl = None
         if is_main:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(log_dir) / "steps.jsonl", "a", encoding="utf-8")
+            # a fresh run starts the file anew; a resumed one continues it
+            self.jsonl = open(Path(log_dir) / "steps.jsonl", "a" if start else "w", encoding="utf-8")
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
             self.writer = SummaryWriter(str(Path(log_dir) / "tb"))
