@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tagmoe_dist.upcycle",
         description="Upcycle a dense checkpoint into a Mixture-of-Experts checkpoint: a Hugging "
-                    "Face Llama/Mistral/Qwen2 directory into Mixtral/Qwen2-MoE (--format hf), or a "
+                    "Face Llama/Mistral/Qwen2 directory into Mixtral/Qwen2-MoE (--format hf), a "
+                    "Megatron-core dense Llama-like GPT (torch_dist) into Mixtral (--format hf), or a "
                     "tagmoe_dist dense GPT (DeepSpeed) checkpoint into a tagmoe_dist MoE GPT "
                     "checkpoint that the trainer resumes from (--format tagmoe).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense checkpoint: a HF directory (config.json + model.safetensors or "
                         "sharded model-*.safetensors with model.safetensors.index.json), or a "
                         "tagmoe_dist.train checkpoints directory (latest + model_config.yaml), one "
-                        "of its step_N directories or its run directory")
+                        "of its step_N directories or its run directory, or a Megatron-core "
+                        "torch_dist GPT checkpoint (the directory holding "
+                        "latest_checkpointed_iteration.txt, or one iter_* directory; "
+                        "hyper-parameters from its stored args or a megatron_config.json beside it)")
     p.add_argument("--dst", required=True, metavar="DIR",
                    help="output directory; must not exist unless --force. For --format tagmoe it "
                         "is the new run's checkpoints directory, named 'checkpoints' (e.g. "
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "loadable by transformers.AutoModelForCausalLM (HF sources). tagmoe: a "
                         "DeepSpeed checkpoint of the tagmoe_dist MoE GPT that `python -m "
                         "tagmoe_dist.train --resume` continues from, weights only (tagmoe_dist "
-                        "GPT sources) (default: hf)")
+                        "GPT sources). Megatron sources: hf (Mixtral) (default: hf)")
     p.add_argument("--layers", default="all", metavar="all|every-other|LIST",
                    help="layers to upcycle: all, every-other (1,3,5,...) or a comma list such as "
                         "1,3; partial lists need a target with dense layers (Qwen2-MoE; for "

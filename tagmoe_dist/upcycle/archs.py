@@ -193,7 +193,12 @@ SOURCE_KINDS = {
     "tagmoe": "a tagmoe_dist dense GPT checkpoint written by tagmoe_dist.train (the checkpoints "
               "directory holding 'latest' and model_config.yaml, one of its step_N directories, "
               "or the run directory), upcycled with --format tagmoe",
+    "megatron": "a Megatron-core dense Llama-like GPT torch_dist checkpoint (the directory holding "
+                "latest_checkpointed_iteration.txt or one iter_* directory; RMSNorm, SwiGLU, "
+                "rotary, no biases, untied output layer), upcycled with --format hf (Mixtral)",
 }
+
+SOURCE_FORMATS = {"hf": "hf", "tagmoe": "tagmoe", "megatron": "hf"}  # the --format of each kind
 
 
 def supported_sources_text() -> str:
@@ -221,7 +226,8 @@ def _megatron_hint(src: Path) -> str | None:
 
 
 def source_kind(src: Path) -> str:
-    """'hf' or 'tagmoe' for a supported source; a ValueError listing the supported ones otherwise."""
+    """'hf', 'tagmoe' or 'megatron' for a supported source; a ValueError listing the supported
+    ones otherwise."""
     from tagmoe_dist.upcycle.tagmoe import is_gpt_checkpoint
 
     src = Path(src)
@@ -232,14 +238,8 @@ def source_kind(src: Path) -> str:
         return "hf"
     if is_gpt_checkpoint(src):
         return "tagmoe"
-    megatron = _megatron_hint(src)
-    if megatron is not None:
-        raise ValueError(
-            f"--src {src} looks like a Megatron-core checkpoint ({megatron}); Megatron sources are "
-            "not supported yet (a Megatron GPT maps onto neither target without a Megatron -> "
-            "Hugging Face conversion; see docs/upcycling.md). Convert it to a Hugging Face Llama "
-            "checkpoint first, or use Megatron-core's own upcycling. Supported sources: "
-            f"{supported_sources_text()}")
+    if _megatron_hint(src) is not None:
+        return "megatron"
     if any(src.glob("*model_states.pt")) or any(src.glob("*/*model_states.pt")):
         raise ValueError(f"--src {src} is a DeepSpeed checkpoint without tagmoe_dist's "
                          "model_config.yaml beside it, so the model is unknown. Supported sources: "
@@ -249,6 +249,11 @@ def source_kind(src: Path) -> str:
 
 
 def format_mismatch(kind: str, fmt: str, src: Path) -> str:
+    if kind == "megatron":
+        return (f"--src {src} looks like a Megatron-core checkpoint ({_megatron_hint(src)}); it "
+                "upcycles to --format hf only (Megatron GPT -> Llama -> Mixtral); pass "
+                "--format hf. "
+                f"Supported sources: {supported_sources_text()}")
     if kind == "tagmoe":
         return (f"--src {src} is a tagmoe_dist GPT checkpoint; it upcycles to --format tagmoe "
                 "only (the GPT's LayerNorm, learned positions and tied head have no Hugging Face "

@@ -33,14 +33,17 @@ def upcycle(opts: UpcycleOptions, progress: bool | None = None) -> Path:
 
     progress: True/False forces the tqdm bar on/off; None shows it only on a terminal.
     A Hugging Face source becomes --format hf (below); a tagmoe_dist GPT checkpoint becomes
-    --format tagmoe (`tagmoe.py`). Other sources are refused, listing the supported ones.
+    --format tagmoe (`tagmoe.py`); a Megatron-core dense GPT becomes --format hf via a dense HF
+    Llama (`megatron.py`). Other sources are refused, listing the supported ones.
     """
     kind = archs.source_kind(opts.src)
-    if kind != opts.format:
+    if archs.SOURCE_FORMATS[kind] != opts.format:
         raise ValueError(archs.format_mismatch(kind, opts.format, opts.src))
     if kind == "tagmoe":
         from tagmoe_dist.upcycle.tagmoe import upcycle_gpt
         return upcycle_gpt(opts, progress)
+    if kind == "megatron":
+        return _upcycle_megatron(opts, progress)
     dst = opts.dst
     if dst.exists() and not opts.force:
         raise ValueError(f"--dst {dst} already exists; pass --force to overwrite it or choose "
@@ -58,6 +61,35 @@ def upcycle(opts: UpcycleOptions, progress: bool | None = None) -> Path:
             raise
     finally:
         ckpt.close()
+    return dst
+
+
+def _upcycle_megatron(opts: UpcycleOptions, progress: bool | None) -> Path:
+    """Megatron GPT -> dense HF Llama in a temporary directory (in memory, not streamed) -> the
+    HF path below; upcycle_metadata.json then names the Megatron source instead of the
+    temporary one."""
+    import dataclasses
+
+    from tagmoe_dist.upcycle import megatron
+
+    if opts.dst.exists() and not opts.force:
+        raise ValueError(f"--dst {opts.dst} already exists; pass --force to overwrite it or choose "
+                         "another directory")
+    opts.dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{opts.dst.name}.dense-", dir=opts.dst.parent))
+    try:
+        megatron.to_hf_llama(opts.src, tmp)
+        dst = upcycle(dataclasses.replace(opts, src=tmp), progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    meta_path = dst / METADATA_NAME
+    meta = json.loads(meta_path.read_text())
+    meta["options"] = opts.to_json()
+    meta["source"] = {"dir": str(opts.src.resolve()), "model_type": "megatron_gpt",
+                      "checkpoint": str(megatron.checkpoint_dir(opts.src).resolve()),
+                      "via": "dense HF Llama (tagmoe_dist.upcycle.megatron)",
+                      "dense_llama_sha256": meta["source"]["sha256"]}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return dst
 
 
