@@ -3,12 +3,107 @@ auxiliary-loss scale, and the active-parameter count used for fair comparisons."
 
 from __future__ import annotations
 
-from typing import List
+import dataclasses
+from pathlib import Path
+from typing import Any, List, Mapping, Optional
 
 import torch
+import yaml
 
+from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.gating.losses import AuxLossAutoScaler
 from tagmoe_dist.layer import MoELayer
+from tagmoe_dist.tasks import TaskSchema
+
+ARCHS = ("moe", "dense")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ModelConfigMixin:
+    """The YAML-facing half shared by the reference models' frozen config dataclasses: the
+    embedded `moe` mapping (an MoEConfig without hidden_size = d_model), `arch` / `moe_every`,
+    the task schema path, the trainer's opaque `train` mapping, and dict / YAML conversion.
+    Needs the fields d_model, n_layer, moe, moe_every, arch, task_schema, train."""
+
+    def _check_moe_fields(self) -> None:
+        name = type(self).__name__
+        if self.arch not in ARCHS:
+            raise ValueError(f"{name}.arch={self.arch!r} is not supported; choose one of {list(ARCHS)}")
+        if not isinstance(self.moe_every, int) or not 0 <= self.moe_every <= self.n_layer:
+            raise ValueError(f"{name}.moe_every must be an integer in 0..n_layer={self.n_layer} "
+                             f"(0 = dense, 1 = every block, 2 = every other block), got {self.moe_every!r}")
+        if not isinstance(self.moe, Mapping):
+            raise ValueError(f"{name}.moe must be a mapping of MoEConfig fields, e.g. "
+                             "{ffn_hidden_size: 128, num_experts: 8, top_k: 2}")
+        if "hidden_size" in self.moe and self.moe["hidden_size"] != self.d_model:
+            raise ValueError(f"{name}.moe.hidden_size={self.moe['hidden_size']} differs from "
+                             f"d_model={self.d_model}; leave it out (it is set from d_model)")
+        if not isinstance(self.train, Mapping):
+            raise ValueError(f"{name}.train must be a mapping of trainer settings")
+        try:
+            self.moe_config
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}.moe: {e}") from e
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig.from_dict({**self.moe, "hidden_size": self.d_model})
+
+    @property
+    def is_dense(self) -> bool:
+        return self.arch == "dense" or self.moe_every == 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return not self.is_dense and (i + 1) % self.moe_every == 0
+
+    @property
+    def dense_ffn_size(self) -> int:
+        """Width of a dense FFN: the active width of an MoE FFN (top_k experts + shared expert)."""
+        m = self.moe_config
+        return m.top_k * m.ffn_hidden_size + m.shared_ffn_size
+
+    def load_task_schema(self) -> Optional[TaskSchema]:
+        if self.task_schema is None:
+            return None
+        path = Path(self.task_schema)
+        if not path.is_absolute() and not path.exists():
+            path = _REPO_ROOT / path
+        return TaskSchema.from_yaml(path)
+
+    # ------------------------------------------------------------------ dict / YAML
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["moe"], d["train"] = dict(self.moe), dict(self.train)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        name = cls.__name__
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{name}: expected a mapping of fields, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown {name} field(s) {unknown}; valid fields: {sorted(fields)}")
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and n not in d]
+        if missing:
+            raise ValueError(f"{name}: missing required field(s) {missing}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path):
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def to_yaml(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
 
 class MoEModelMixin:

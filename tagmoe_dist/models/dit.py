@@ -25,28 +25,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
-from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.experts import DenseMLP
 from tagmoe_dist.gating.task_aware import TaskAlignment
 from tagmoe_dist.layer import MoELayer
-from tagmoe_dist.models.common import MoEModelMixin
+from tagmoe_dist.models.common import ModelConfigMixin, MoEModelMixin
 from tagmoe_dist.parallel import ParallelGroups
 from tagmoe_dist.tasks import TaskSchema
 
-ARCHS = ("moe", "dense")
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(ModelConfigMixin):
     """A YAML file in configs/models/dit_*.yaml (`from_yaml`). `moe` is validated as an MoEConfig
     at construction; `train` is carried along for the trainer and never read here."""
 
@@ -75,79 +70,13 @@ class DiTConfig:
                              f"patch_size={self.patch_size}")
         if self.d_model % self.n_head != 0:
             raise ValueError(f"DiTConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if self.arch not in ARCHS:
-            raise ValueError(f"DiTConfig.arch={self.arch!r} is not supported; choose one of {list(ARCHS)}")
-        if not isinstance(self.moe_every, int) or not 0 <= self.moe_every <= self.n_layer:
-            raise ValueError(f"DiTConfig.moe_every must be an integer in 0..n_layer={self.n_layer}, "
-                             f"got {self.moe_every!r}")
-        if not isinstance(self.moe, Mapping):
-            raise ValueError("DiTConfig.moe must be a mapping of MoEConfig fields, e.g. "
-                             "{ffn_hidden_size: 64, num_experts: 8, top_k: 2}")
-        if "hidden_size" in self.moe and self.moe["hidden_size"] != self.d_model:
-            raise ValueError(f"DiTConfig.moe.hidden_size={self.moe['hidden_size']} differs from "
-                             f"d_model={self.d_model}; leave it out")
+        self._check_moe_fields()
         if self.moe.get("input_layout", "bsh") != "bsh":
             raise ValueError("DiTConfig.moe.input_layout must be 'bsh' (the DiT feeds [B, S, D])")
-        try:
-            self.moe_config
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"DiTConfig.moe: {e}") from e
-
-    @property
-    def moe_config(self) -> MoEConfig:
-        return MoEConfig.from_dict({**self.moe, "hidden_size": self.d_model})
-
-    @property
-    def is_dense(self) -> bool:
-        return self.arch == "dense" or self.moe_every == 0
-
-    def is_moe_layer(self, i: int) -> bool:
-        return not self.is_dense and (i + 1) % self.moe_every == 0
-
-    @property
-    def dense_ffn_size(self) -> int:
-        m = self.moe_config
-        return m.top_k * m.ffn_hidden_size + m.shared_ffn_size
 
     @property
     def num_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    def load_task_schema(self) -> Optional[TaskSchema]:
-        if self.task_schema is None:
-            return None
-        path = Path(self.task_schema)
-        if not path.is_absolute() and not path.exists():
-            path = _REPO_ROOT / path
-        return TaskSchema.from_yaml(path)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["moe"], d["train"] = dict(self.moe), dict(self.train)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DiTConfig":
-        if not isinstance(d, Mapping):
-            raise ValueError(f"DiTConfig: expected a mapping of fields, got {type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown DiTConfig field(s) {unknown}; valid fields: {sorted(fields)}")
-        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and n not in d]
-        if missing:
-            raise ValueError(f"DiTConfig: missing required field(s) {missing}")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, path) -> "DiTConfig":
-        with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f)
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
 
 
 def timestep_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
