@@ -131,7 +131,7 @@ def test_row_chunks_do_not_change_results(activation):
     a = tm.MoELayer(c)
     b = tm.MoELayer(c)
     b.load_state_dict(a.state_dict())
-    b.dispatcher.buffer_bytes = 7 * 16 * 4        # 7 rows per chunk: chunks cut through experts
+    b.dispatcher.buffer_bytes = 7 * 16 * 4        # 7 rows per chunk: big experts are split
     x = torch.randn(3, 9, 16)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     g = torch.randn(3, 9, 16)

@@ -128,3 +128,30 @@ def test_row_chunks_cover_every_row_once(counts, max_rows):
             off += n
         assert off == stop - start
     assert seen == owner
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.integers(1, 11))
+def test_expert_chunks_keep_experts_whole(counts, max_rows):
+    chunks = P.expert_chunks(counts, max_rows)
+    owner = [e for e, c in enumerate(counts) for _ in range(c)]   # expert of each row, naive
+    seen, pos, split = [], 0, {}
+    for start, stop, pieces in chunks:
+        assert start == pos and (0 < stop - start <= max_rows or sum(counts) == 0)
+        off = 0
+        for e, first, n in pieces:
+            assert first == off and n > 0
+            seen += [e] * n
+            off += n
+            split[e] = split.get(e, 0) + 1
+        assert off == stop - start
+        pos = stop
+    assert seen == owner and pos == sum(counts)
+    for e, parts in split.items():
+        # an expert is cut only when it cannot fit one chunk, and then into the fewest parts
+        assert parts == -(-counts[e] // max_rows)
+        if parts > 1:
+            assert all(len(p) == 1 for _, _, p in chunks if p and p[0][0] == e)
+    # no two neighbouring chunks could have been merged
+    for (a0, a1, pa), (b0, b1, pb) in zip(chunks, chunks[1:]):
+        if len(pa) and len(pb) and pa[-1][0] != pb[0][0]:
+            assert (a1 - a0) + pb[0][2] > max_rows or split[pb[0][0]] > 1 or split[pa[-1][0]] > 1

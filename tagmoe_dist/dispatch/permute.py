@@ -137,6 +137,34 @@ def row_chunks(counts: List[int], max_rows: int) -> List[Tuple[int, int, List[Tu
     return out
 
 
+def expert_chunks(counts: List[int], max_rows: int) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
+    """Like `row_chunks`, but chunk boundaries fall between experts: each chunk holds whole
+    experts, at most `max_rows` rows, except that an expert with more than `max_rows` rows is
+    split into near-equal parts of at most `max_rows` rows, one chunk each. An expert never
+    straddles two chunks unless it must, so its GEMMs run on whole blocks (no short remnant
+    GEMMs at chunk edges). Returns (start, stop, pieces) per chunk, pieces as in `row_chunks`."""
+    assert max_rows > 0
+    out, start, pieces, rows = [], 0, [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        if rows and rows + n > max_rows:              # close the open chunk before this expert
+            out.append((start, start + rows, pieces))
+            start, pieces, rows = start + rows, [], 0
+        if n > max_rows:                              # too big for one chunk: split it evenly
+            parts = -(-n // max_rows)
+            for i in range(parts):
+                m = n // parts + (i < n % parts)
+                out.append((start, start + m, [(e, 0, m)]))
+                start += m
+            continue
+        pieces.append((e, rows, n))
+        rows += n
+    if rows or not out:
+        out.append((start, start + rows, pieces))
+    return out
+
+
 def split_counts(counts_M: torch.Tensor, num_chunks: int) -> torch.Tensor:
     """Split every count into `num_chunks` near-equal parts: [M] -> [C, M], summing to counts.
     Part c of m is m // C, plus one for the first m % C parts. Sender and receiver apply the same
