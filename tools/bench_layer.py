@@ -87,6 +87,11 @@ def measure(impl, E, K, F, ep, runs, warmup):
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), WORLD_SIZE=str(max(ep, 1)))
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".torch_extensions"))
+    if impl == "deepspeed":
+        # a build killed midway leaves a lock on which DeepSpeed's init waits forever: say so
+        from pathlib import Path
+        from tagmoe_dist.launch import check_extension_locks
+        check_extension_locks(roots=[Path(env["TORCH_EXTENSIONS_DIR"])])
     procs = []
     for r in range(ep if (ep > 1 or impl == "deepspeed") else 1):
         e = dict(env, RANK=str(r), LOCAL_RANK=str(r))
