@@ -125,7 +125,7 @@ def test_layouts_agree():
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_row_chunks_do_not_change_results(activation):
+def test_chunking_does_not_change_results(activation):
     torch.manual_seed(0)
     c = cfg(num_experts=6, top_k=3, capacity_factor=0.8, activation=activation)
     a = tm.MoELayer(c)

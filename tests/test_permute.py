@@ -115,22 +115,6 @@ def test_split_counts_and_block_rows(C, seed):
 
 
 @given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.integers(1, 11))
-def test_row_chunks_cover_every_row_once(counts, max_rows):
-    chunks = P.row_chunks(counts, max_rows)
-    owner = [e for e, c in enumerate(counts) for _ in range(c)]   # expert of each row, naive
-    seen = []
-    for start, stop, pieces in chunks:
-        assert 0 < stop - start <= max_rows or sum(counts) == 0
-        off = 0
-        for e, first, n in pieces:
-            assert first == off and n > 0          # contiguous, in order, no empty piece
-            seen += [e] * n
-            off += n
-        assert off == stop - start
-    assert seen == owner
-
-
-@given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.integers(1, 11))
 def test_expert_chunks_keep_experts_whole(counts, max_rows):
     chunks = P.expert_chunks(counts, max_rows)
     owner = [e for e, c in enumerate(counts) for _ in range(c)]   # expert of each row, naive

@@ -112,37 +112,13 @@ def chunk_sort_index(counts_SL: torch.Tensor, total: Optional[int] = None) -> to
     return shift_R + torch.arange(shift_R.numel(), device=counts_SL.device)
 
 
-def row_chunks(counts: List[int], max_rows: int) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
-    """Cut rows [0, sum(counts)) (grouped by expert) into consecutive chunks of at most
-    `max_rows` rows. Returns, per chunk, (start, stop, pieces) where pieces are the non-empty
-    (expert, first row inside the chunk, rows) blocks of the chunk, in order. One merge walk
-    over chunks and experts: no per-chunk loop over every expert."""
-    assert max_rows > 0
-    total = sum(counts)
-    out = []
-    e, e_start = 0, 0                       # first expert that may overlap the chunk, its first row
-    for start in range(0, max(total, 1), max_rows):
-        stop = min(start + max_rows, total)
-        while e < len(counts) and e_start + counts[e] <= start:
-            e_start += counts[e]
-            e += 1
-        pieces, j, j_start = [], e, e_start
-        while j < len(counts) and j_start < stop:
-            lo, hi = max(j_start, start), min(j_start + counts[j], stop)
-            if hi > lo:
-                pieces.append((j, lo - start, hi - lo))
-            j_start += counts[j]
-            j += 1
-        out.append((start, stop, pieces))
-    return out
-
-
 def expert_chunks(counts: List[int], max_rows: int) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
-    """Like `row_chunks`, but chunk boundaries fall between experts: each chunk holds whole
-    experts, at most `max_rows` rows, except that an expert with more than `max_rows` rows is
-    split into near-equal parts of at most `max_rows` rows, one chunk each. An expert never
-    straddles two chunks unless it must, so its GEMMs run on whole blocks (no short remnant
-    GEMMs at chunk edges). Returns (start, stop, pieces) per chunk, pieces as in `row_chunks`."""
+    """Cut rows [0, sum(counts)) (grouped by expert) into consecutive chunks of whole experts, at
+    most `max_rows` rows each, except that an expert with more than `max_rows` rows is split into
+    near-equal parts of at most `max_rows` rows, one chunk each. An expert never straddles two
+    chunks unless it must, so its GEMMs run on whole blocks (no short remnant GEMMs at chunk
+    edges). Returns, per chunk, (start, stop, pieces) where pieces are the non-empty (expert,
+    first row inside the chunk, rows) blocks of the chunk, in order."""
     assert max_rows > 0
     out, start, pieces, rows = [], 0, [], 0
     for e, n in enumerate(counts):
