@@ -7,7 +7,7 @@ Why fused and chunked: an unfused pipeline materialises [N, D] copies of the inp
 (32 MB each for 4096 tokens x 8 choices x 256). Fresh CPU buffers of that size are served by mmap
 and page-fault on every step, and a block gathered long before its GEMM runs has left the cache;
 with narrow experts (F = 64) every input byte feeds few multiply-adds, so a GEMM on cold rows runs
-~35% slower than on cached ones. Here each chunk of whole experts (about 1 MB of rows) is
+markedly slower than on cached ones. Here each chunk of whole experts (about 1 MB of rows) is
 gathered into a small reused buffer that stays in cache, pushed through its experts, scaled by
 its combine weight in the narrow F space, and scattered back from another reused buffer. Only
 the narrow [N, H] pre-activations and [N, F] activations are kept for backward (no
