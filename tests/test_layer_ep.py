@@ -46,7 +46,17 @@ def rank_inputs(rank: int, case_idx: int):
     return x, ids, cot
 
 
-def _check(rank, world, cases=None):
+def _use_kernel(kernel: str):
+    """'native': the C kernel must load here; 'torch': force the PyTorch kernels in this process."""
+    from tagmoe_dist.dispatch import native
+    if kernel == "native":
+        assert native.library() is not None, native.status()
+    else:
+        native._lib, native._tried, native._reason = None, True, "forced by the test"
+
+
+def _check(rank, world, cases=None, kernel="native"):
+    _use_kernel(kernel)
     groups = tm.ParallelGroups.build(ep_size=world) if world > 1 else tm.ParallelGroups.single()
     for ci, (name, over) in enumerate(CASES):
         if cases is not None and name not in cases:
@@ -93,12 +103,22 @@ def _check_case(rank, world, groups, ci, name, over):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{where}: grad {n} {m}")
 
 
+@pytest.fixture
+def restore_native():
+    from tagmoe_dist.dispatch import native
+    state = native._lib, native._tried, native._reason
+    yield
+    native._lib, native._tried, native._reason = state
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
 @pytest.mark.parametrize("ep", [1, 2, 4])
-def test_ep_equals_reference(ep):
+def test_ep_equals_reference(ep, kernel, restore_native):
+    """Both CPU kernels: the native one (csrc/moe_cpu.c) and the PyTorch one it falls back to."""
     if ep == 1:
-        _check(0, 1)
+        _check(0, 1, None, kernel)
     else:
-        run_distributed(_check, ep)
+        run_distributed(_check, ep, None, kernel)
 
 
 OVERLAP = {"topk-dropless": [1, 2, 4], "topk-drop": [3],
@@ -109,4 +129,5 @@ OVERLAP = {"topk-dropless": [1, 2, 4], "topk-drop": [3],
 def test_overlap_chunks_equal_reference(ep):
     """The chunked all-to-all / expert pipeline gives the reference's outputs, gradients and
     losses for every chunk count, with and without shared experts (issue: overlap)."""
-    run_distributed(_check, ep, OVERLAP)
+    run_distributed(_check, ep, OVERLAP, "native")
+    run_distributed(_check, ep, OVERLAP, "torch")

@@ -94,4 +94,4 @@ class AllToAllDispatcher:
             overlap_chunks = self._auto_chunks(x_TD, experts, max_rows)
         chunks = plan_chunks(counts_E.cpu(), recv_SL, overlap_chunks, device=x_TD.device)
         return expert_parallel_moe(x_TD, experts.w1, experts.w2, w_N, token_N, chunks,
-                                   experts.act, group, shared)
+                                   experts.act, group, shared, self._rows_per_buffer(x_TD, experts))

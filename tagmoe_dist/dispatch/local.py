@@ -14,16 +14,22 @@ the narrow [N, H] pre-activations and [N, F] activations are kept for backward (
 recomputation of the activation); the backward gathers the input rows again from x, which costs
 less than keeping a [N, D] copy that must round-trip through memory, and writes each expert's
 weight gradient with its first GEMM and accumulates into it after (no zero-filled buffers).
+
+Two implementations of that one algorithm: NativeLocalMoE runs it in C (csrc/moe_cpu.c, via
+dispatch/native.py) and is what `local_moe` uses for CPU float32; LocalMoE runs it with torch ops
+and is the fallback (no C compiler, other dtypes, TAGMOE_NATIVE=0). native_forward and
+native_backward are also the per-chunk compute of the EP > 1 pipeline (dispatch/overlap.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
+from tagmoe_dist.dispatch import native
 from tagmoe_dist.dispatch.permute import expert_chunks
-from tagmoe_dist.experts import activation_backward
+from tagmoe_dist.experts import activation_backward, gelu, swiglu
 
 
 def _mm_into(out, a, b, first: bool):
@@ -110,5 +116,90 @@ class LocalMoE(torch.autograd.Function):
         return gx_TD, gw1, gw2, gw_N, None, None, None, None
 
 
+class NativePlan:
+    """What the native forward keeps for its backward: h, u and the chunk tables."""
+
+    def __init__(self, h_NH, u_NF, chunk_C4, piece_P3, rows: int, act_id: int):
+        self.h_NH, self.u_NF, self.chunk_C4, self.piece_P3 = h_NH, u_NF, chunk_C4, piece_P3
+        self.rows, self.act_id = rows, act_id
+
+
+def native_forward(x_TD, w1_LDH, w2_LFD, w_N, token_N, counts: List[int], act_id: int,
+                   max_rows: int):
+    """y_TD = sum over rows r of w_N[r] * expert(r)(x_TD[token_N[r]]), rows sorted by expert
+    (`counts` per expert), in one C call (csrc/moe_cpu.c). All tensors contiguous CPU float32
+    (token_N int64). Returns (y_TD, plan for native_backward)."""
+    lib, p = native.library(), native._ptr
+    (T, D), H, F, N = x_TD.shape, w1_LDH.shape[-1], w2_LFD.shape[1], token_N.numel()
+    chunks = expert_chunks(counts, max_rows)
+    chunk_C4, piece_P3 = native.plan_tensors(chunks)
+    rows = max(stop - start for start, stop, _ in chunks)
+    y_TD = x_TD.new_zeros(T, D)
+    h_NH, u_NF = x_TD.new_empty(N, H), x_TD.new_empty(N, F)          # kept for backward
+    xbuf_RD, ybuf_RD, sbuf_RF = x_TD.new_empty(rows, D), x_TD.new_empty(rows, D), \
+        x_TD.new_empty(rows, F)
+    lib.tm_forward(D, H, F, act_id, p(x_TD), p(w1_LDH), p(w2_LFD), p(w_N), p(token_N),
+                   len(chunks), p(chunk_C4), p(piece_P3), p(xbuf_RD), p(sbuf_RF), p(ybuf_RD),
+                   p(h_NH), p(u_NF), p(y_TD))
+    return y_TD, NativePlan(h_NH, u_NF, chunk_C4, piece_P3, rows, act_id)
+
+
+def native_backward(plan: NativePlan, x_TD, w1_LDH, w2_LFD, w_N, token_N, gy_TD, gw1, gw2,
+                    seen_L, finish: bool):
+    """Gradients of native_forward: returns (gx_TD, gw_N) and writes gw1/gw2. Several calls
+    may share gw1, gw2 and seen_L (uint8 [L], zeros before the first); the one with `finish`
+    zeroes the weight gradients of experts that no call gave a row."""
+    lib, p, R = native.library(), native._ptr, plan.rows
+    (T, D), L, H, F = x_TD.shape, w1_LDH.shape[0], w1_LDH.shape[-1], w2_LFD.shape[1]
+    gx_TD, gw_N = torch.zeros_like(x_TD), torch.empty_like(w_N)
+    xbuf_RD, gbuf_RD = x_TD.new_empty(R, D), x_TD.new_empty(R, D)
+    sbuf_RF, gabuf_RF, ghbuf_RH = x_TD.new_empty(R, F), x_TD.new_empty(R, F), x_TD.new_empty(R, H)
+    lib.tm_backward(D, H, F, plan.act_id, L, p(x_TD), p(w1_LDH), p(w2_LFD), p(w_N),
+                    p(token_N), plan.chunk_C4.shape[0], p(plan.chunk_C4), p(plan.piece_P3),
+                    p(plan.h_NH), p(plan.u_NF), p(gy_TD), p(gx_TD), p(gw1), p(gw2), p(gw_N),
+                    p(seen_L), p(xbuf_RD), p(gbuf_RD), p(sbuf_RF), p(gabuf_RF), p(ghbuf_RH),
+                    int(finish))
+    return gx_TD, gw_N
+
+
+class NativeLocalMoE(torch.autograd.Function):
+    """The same computation as LocalMoE, with the chunk loop in C (csrc/moe_cpu.c): one call for
+    the forward and one for the backward instead of ~10 torch ops per expert. It keeps h and
+    u_NF, the activation's tanh (GELU) or sigmoid (SwiGLU), rather than the activation itself,
+    so the backward recomputes the activation and its derivative without evaluating exp."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, counts: List[int], act_id: int,
+                max_rows: int):
+        args = [t.contiguous() for t in (x_TD, w1_LDH, w2_LFD, w_N, token_N)]
+        y_TD, ctx.plan = native_forward(*args, counts, act_id, max_rows)
+        ctx.save_for_backward(*args)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, gy_TD):
+        x_TD, w1_LDH, w2_LFD, w_N, token_N = ctx.saved_tensors
+        gw1, gw2 = torch.empty_like(w1_LDH), torch.empty_like(w2_LFD)
+        seen_L = torch.zeros(w1_LDH.shape[0], dtype=torch.uint8)
+        gx_TD, gw_N = native_backward(ctx.plan, x_TD, w1_LDH, w2_LFD, w_N, token_N,
+                                      gy_TD.contiguous(), gw1, gw2, seen_L, finish=True)
+        return gx_TD, gw1, gw2, gw_N, None, None, None, None
+
+
+_NATIVE_ACT = {gelu: native.ACTIVATIONS["gelu"], swiglu: native.ACTIVATIONS["swiglu"]}
+
+
+def native_act_id(act, *tensors) -> Optional[int]:
+    """The native kernel's id of `act` if the kernel can run on these tensors, else None."""
+    if act in _NATIVE_ACT and native.usable(*tensors):
+        return _NATIVE_ACT[act]
+    return None
+
+
 def local_moe(x_TD, w1_LDH, w2_LFD, w_N, token_N, counts, act, max_rows):
+    """Rows token_N (sorted by expert, `counts` per expert) of x through their experts, each
+    scaled by w_N and summed back per token. The native kernel where it applies, else torch."""
+    act_id = native_act_id(act, x_TD, w1_LDH, w2_LFD, w_N)
+    if act_id is not None:
+        return NativeLocalMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, counts, act_id, max_rows)
     return LocalMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, counts, act, max_rows)

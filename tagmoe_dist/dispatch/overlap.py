@@ -26,8 +26,10 @@ from typing import Callable, List, Optional
 
 import torch
 
+from tagmoe_dist.dispatch import native
 from tagmoe_dist.dispatch import permute as P
 from tagmoe_dist.dispatch.alltoall import all_to_all_start
+from tagmoe_dist.dispatch.local import native_act_id, native_backward, native_forward
 from tagmoe_dist.experts import activation_backward
 
 
@@ -52,6 +54,14 @@ class _Chunk:
         self.regroup = P.chunk_sort_index(recv_SL, R).to(device)
         self.restore = P.chunk_sort_index(recv_SL.t().contiguous(), R).to(device)
         self.counts_L = recv_SL.sum(0).tolist()
+        self._ones = None
+
+    def ones_R(self) -> torch.Tensor:
+        """Unit combine weights for the received rows (the native kernel's w_N: the real
+        weights are applied by the sender, after the combine)."""
+        if self._ones is None:
+            self._ones = torch.ones(self.regroup.numel(), device=self.regroup.device)
+        return self._ones
 
 
 def plan_chunks(counts_E: torch.Tensor, recv_SL: torch.Tensor, num_chunks: int,
@@ -69,20 +79,29 @@ def plan_chunks(counts_E: torch.Tensor, recv_SL: torch.Tensor, num_chunks: int,
 class ExpertParallelMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks: List[_Chunk], act: Callable, group,
-                shared: Optional[Callable], needs_grad: bool):
+                shared: Optional[Callable], needs_grad: bool, max_rows: int):
         ctx.needs_grad = needs_grad
         T, D = x_TD.shape
         saved_x, saved_h, saved_a, saved_out = [], [], [], []
+        # CPU float32: each chunk's experts run in the native kernel (dispatch/local.py), which
+        # reads the received rows through the regroup index and writes its output straight into
+        # send order (restore is regroup's inverse), so no regrouped copies are made.
+        w1_LDH, w2_LFD = w1_LDH.contiguous(), w2_LFD.contiguous()
+        act_id = native_act_id(act, x_TD, w1_LDH, w2_LFD, w_N)
+        plans = []
+
+        x_TD = x_TD.contiguous()
+        for ch in chunks:          # this rank's tokens and combine weights of each chunk's rows
+            ch.tok, ch.w = token_N.index_select(0, ch.send_rows), w_N.index_select(0, ch.send_rows)
 
         def dispatch(c):
             ch = chunks[c]
-            buf = x_TD.index_select(0, token_N.index_select(0, ch.send_rows))
-            return all_to_all_start(buf, ch.out_splits, ch.in_splits, group)
+            return all_to_all_start(native.gather_rows(x_TD, ch.tok), ch.out_splits, ch.in_splits,
+                                    group)
 
         def scatter(c, back_ND, work):
             work.wait()
-            rows = chunks[c].send_rows
-            y_TD.index_add_(0, token_N.index_select(0, rows), back_ND * w_N.index_select(0, rows)[:, None])
+            native.scatter_add_rows(y_TD, chunks[c].tok, back_ND, chunks[c].w)
             saved_out.append(back_ND)
 
         inflight = {0: dispatch(0)} if chunks else {}
@@ -104,6 +123,16 @@ class ExpertParallelMoE(torch.autograd.Function):
                 inflight[c + 1] = dispatch(c + 1)
             recv_RD, work = inflight.pop(c)
             work.wait()
+            if act_id is not None:
+                o_send_RD, plan = native_forward(recv_RD, w1_LDH, w2_LFD, ch.ones_R(), ch.regroup,
+                                                 ch.counts_L, act_id, max_rows)
+                plans.append(plan)
+                combine = all_to_all_start(o_send_RD, ch.in_splits, ch.out_splits, group)
+                if pending is not None:
+                    scatter(*pending)
+                pending = (c, *combine)
+                saved_x.append(recv_RD)
+                continue
             x_RD = recv_RD.index_select(0, ch.regroup)
             h_RH = x_RD.new_empty(x_RD.shape[0], w1_LDH.shape[-1])
             for l, a, n in _blocks(ch.counts_L):
@@ -123,31 +152,36 @@ class ExpertParallelMoE(torch.autograd.Function):
             scatter(*pending)
         ctx.save_for_backward(w1_LDH, w2_LFD, w_N, token_N, *saved_x, *saved_h, *saved_a, *saved_out)
         ctx.chunks, ctx.act, ctx.group, ctx.T = chunks, act, group, T
+        ctx.plans = plans
         ctx.shared = (shared_in, shared_out)
         return y_TD
 
     @staticmethod
     def backward(ctx, gy_TD):
         w1_LDH, w2_LFD, w_N, token_N, *rest = ctx.saved_tensors
-        C = len(ctx.chunks)
-        saved_x, saved_h, saved_a, saved_out = (rest[i * C:(i + 1) * C] for i in range(4))
+        C, plans = len(ctx.chunks), ctx.plans
+        if plans:                  # native chunks keep their h and u in the plans, not here
+            saved_x, saved_out = rest[:C], rest[C:]
+        else:
+            saved_x, saved_h, saved_a, saved_out = (rest[i * C:(i + 1) * C] for i in range(4))
         chunks, act, group = ctx.chunks, ctx.act, ctx.group
         gy_TD = gy_TD.contiguous()
         gx_TD = torch.zeros(ctx.T, gy_TD.shape[1], dtype=gy_TD.dtype, device=gy_TD.device)
-        gw1, gw2 = torch.zeros_like(w1_LDH), torch.zeros_like(w2_LFD)
+        if plans:                  # written by the chunks' first GEMMs, no zero-fill
+            gw1, gw2 = torch.empty_like(w1_LDH), torch.empty_like(w2_LFD)
+            seen_L = torch.zeros(w1_LDH.shape[0], dtype=torch.uint8)
+        else:
+            gw1, gw2 = torch.zeros_like(w1_LDH), torch.zeros_like(w2_LFD)
         gw_N = torch.zeros_like(w_N)
 
         def send_grad(c):
             ch = chunks[c]
-            tok = token_N.index_select(0, ch.send_rows)
-            gy_ND = gy_TD.index_select(0, tok)
-            gw_N[ch.send_rows] = (gy_ND * saved_out[c]).sum(1)
-            g_out = gy_ND * w_N.index_select(0, ch.send_rows)[:, None]
+            g_out, gw_N[ch.send_rows] = native.gather_scale_dot(gy_TD, ch.tok, ch.w, saved_out[c])
             return all_to_all_start(g_out, ch.out_splits, ch.in_splits, group)
 
         def gather_back(c, g_ND, work):
             work.wait()
-            gx_TD.index_add_(0, token_N.index_select(0, chunks[c].send_rows), g_ND)
+            native.scatter_add_rows(gx_TD, chunks[c].tok, g_ND)
 
         inflight = {0: send_grad(0)} if chunks else {}
         shared_in, shared_out = ctx.shared
@@ -162,6 +196,15 @@ class ExpertParallelMoE(torch.autograd.Function):
                 inflight[c + 1] = send_grad(c + 1)
             recv_RD, work = inflight.pop(c)
             work.wait()
+            if plans:
+                gx_send_RD, _ = native_backward(plans[c], saved_x[c], w1_LDH, w2_LFD, ch.ones_R(),
+                                                ch.regroup, recv_RD, gw1, gw2, seen_L,
+                                                finish=c == C - 1)
+                back = all_to_all_start(gx_send_RD, ch.in_splits, ch.out_splits, group)
+                if pending is not None:
+                    gather_back(*pending)
+                pending = (c, *back)
+                continue
             go_RD = recv_RD.index_select(0, ch.regroup)
             x_RD, h_RH, a_RF = saved_x[c], saved_h[c], saved_a[c]
             ga_RF = a_RF.new_empty(a_RF.shape)
@@ -179,11 +222,13 @@ class ExpertParallelMoE(torch.autograd.Function):
             pending = (c, *back)
         if pending is not None:
             gather_back(*pending)
-        return gx_TD, gw1, gw2, gw_N, None, None, None, None, None, None
+        return gx_TD, gw1, gw2, gw_N, None, None, None, None, None, None, None
 
 
-def expert_parallel_moe(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared=None):
-    """Routed experts (+ the shared expert, if given, overlapped with the first exchange)."""
+def expert_parallel_moe(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared=None,
+                        max_rows: int = 1024):
+    """Routed experts (+ the shared expert, if given, overlapped with the first exchange).
+    `max_rows`: rows per cached block inside the native kernel (the dispatcher's buffer size)."""
     # Inside forward() grad mode is off; whether a backward will come is decided out here.
     return ExpertParallelMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared,
-                                   torch.is_grad_enabled())
+                                   torch.is_grad_enabled(), max_rows)
