@@ -160,17 +160,18 @@ _BUILD = textwrap.dedent("""
 """)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _python(args, env, timeout=120):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run([sys.executable, "-c", _BUILD, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=root)
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def test_concurrent_builds_share_one_library(tmp_path):
     env = dict(os.environ, TAGMOE_NATIVE_DIR=str(tmp_path))
     env.pop("TAGMOE_NATIVE", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, "build"], env=env, cwd=root,
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, "build"], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]

@@ -171,8 +171,8 @@ def status() -> str:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """All float32/int64 CPU tensors, and the library loads."""
-    if any(t.is_cuda or t.device.type != "cpu" for t in tensors):
+    """x, w1, w2, w_N (the first four) are float32 CPU tensors, and the library loads."""
+    if any(t.device.type != "cpu" for t in tensors):
         return False
     if tensors[0].dtype != torch.float32 or any(t.dtype != torch.float32 for t in tensors[1:4]):
         return False

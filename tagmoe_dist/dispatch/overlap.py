@@ -89,7 +89,6 @@ class ExpertParallelMoE(torch.autograd.Function):
         w1_LDH, w2_LFD = w1_LDH.contiguous(), w2_LFD.contiguous()
         act_id = native_act_id(act, x_TD, w1_LDH, w2_LFD, w_N)
         plans = []
-
         x_TD = x_TD.contiguous()
         for ch in chunks:          # this rank's tokens and combine weights of each chunk's rows
             ch.tok, ch.w = token_N.index_select(0, ch.send_rows), w_N.index_select(0, ch.send_rows)
@@ -127,27 +126,24 @@ class ExpertParallelMoE(torch.autograd.Function):
                 o_send_RD, plan = native_forward(recv_RD, w1_LDH, w2_LFD, ch.ones_R(), ch.regroup,
                                                  ch.counts_L, act_id, max_rows)
                 plans.append(plan)
-                combine = all_to_all_start(o_send_RD, ch.in_splits, ch.out_splits, group)
-                if pending is not None:
-                    scatter(*pending)
-                pending = (c, *combine)
                 saved_x.append(recv_RD)
-                continue
-            x_RD = recv_RD.index_select(0, ch.regroup)
-            h_RH = x_RD.new_empty(x_RD.shape[0], w1_LDH.shape[-1])
-            for l, a, n in _blocks(ch.counts_L):
-                torch.mm(x_RD[a:a + n], w1_LDH[l], out=h_RH[a:a + n])
-            a_RF = act(h_RH)
-            saved_a.append(a_RF)
-            o_RD = x_RD.new_empty(x_RD.shape)
-            for l, a, n in _blocks(ch.counts_L):
-                torch.mm(a_RF[a:a + n], w2_LFD[l], out=o_RD[a:a + n])
-            combine = all_to_all_start(o_RD.index_select(0, ch.restore), ch.in_splits, ch.out_splits, group)
+            else:
+                x_RD = recv_RD.index_select(0, ch.regroup)
+                h_RH = x_RD.new_empty(x_RD.shape[0], w1_LDH.shape[-1])
+                for l, a, n in _blocks(ch.counts_L):
+                    torch.mm(x_RD[a:a + n], w1_LDH[l], out=h_RH[a:a + n])
+                a_RF = act(h_RH)
+                o_RD = x_RD.new_empty(x_RD.shape)
+                for l, a, n in _blocks(ch.counts_L):
+                    torch.mm(a_RF[a:a + n], w2_LFD[l], out=o_RD[a:a + n])
+                o_send_RD = o_RD.index_select(0, ch.restore)
+                saved_x.append(x_RD)
+                saved_h.append(h_RH)
+                saved_a.append(a_RF)
+            combine = all_to_all_start(o_send_RD, ch.in_splits, ch.out_splits, group)
             if pending is not None:
                 scatter(*pending)
             pending = (c, *combine)
-            saved_x.append(x_RD)
-            saved_h.append(h_RH)
         if pending is not None:
             scatter(*pending)
         ctx.save_for_backward(w1_LDH, w2_LFD, w_N, token_N, *saved_x, *saved_h, *saved_a, *saved_out)
@@ -200,23 +196,20 @@ class ExpertParallelMoE(torch.autograd.Function):
                 gx_send_RD, _ = native_backward(plans[c], saved_x[c], w1_LDH, w2_LFD, ch.ones_R(),
                                                 ch.regroup, recv_RD, gw1, gw2, seen_L,
                                                 finish=c == C - 1)
-                back = all_to_all_start(gx_send_RD, ch.in_splits, ch.out_splits, group)
-                if pending is not None:
-                    gather_back(*pending)
-                pending = (c, *back)
-                continue
-            go_RD = recv_RD.index_select(0, ch.regroup)
-            x_RD, h_RH, a_RF = saved_x[c], saved_h[c], saved_a[c]
-            ga_RF = a_RF.new_empty(a_RF.shape)
-            for l, a, n in _blocks(ch.counts_L):
-                torch.mm(go_RD[a:a + n], w2_LFD[l].t(), out=ga_RF[a:a + n])
-                gw2[l].addmm_(a_RF[a:a + n].t(), go_RD[a:a + n])
-            gh_RH = activation_backward(act, ga_RF, h_RH)
-            gx_RD = go_RD                                   # reuse the regrouped buffer
-            for l, a, n in _blocks(ch.counts_L):
-                torch.mm(gh_RH[a:a + n], w1_LDH[l].t(), out=gx_RD[a:a + n])
-                gw1[l].addmm_(x_RD[a:a + n].t(), gh_RH[a:a + n])
-            back = all_to_all_start(gx_RD.index_select(0, ch.restore), ch.in_splits, ch.out_splits, group)
+            else:
+                go_RD = recv_RD.index_select(0, ch.regroup)
+                x_RD, h_RH, a_RF = saved_x[c], saved_h[c], saved_a[c]
+                ga_RF = a_RF.new_empty(a_RF.shape)
+                for l, a, n in _blocks(ch.counts_L):
+                    torch.mm(go_RD[a:a + n], w2_LFD[l].t(), out=ga_RF[a:a + n])
+                    gw2[l].addmm_(a_RF[a:a + n].t(), go_RD[a:a + n])
+                gh_RH = activation_backward(act, ga_RF, h_RH)
+                gx_RD = go_RD                               # reuse the regrouped buffer
+                for l, a, n in _blocks(ch.counts_L):
+                    torch.mm(gh_RH[a:a + n], w1_LDH[l].t(), out=gx_RD[a:a + n])
+                    gw1[l].addmm_(x_RD[a:a + n].t(), gh_RH[a:a + n])
+                gx_send_RD = gx_RD.index_select(0, ch.restore)
+            back = all_to_all_start(gx_send_RD, ch.in_splits, ch.out_splits, group)
             if pending is not None:
                 gather_back(*pending)
             pending = (c, *back)
