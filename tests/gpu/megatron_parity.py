@@ -23,7 +23,7 @@ def transformer_config(**kw):
                 gated_linear_unit=True, activation_func=F.silu, hidden_dropout=0.0,
                 attention_dropout=0.0, init_method_std=0.1, moe_shared_expert_intermediate_size=48,
                 moe_shared_expert_gate=True,
-                use_cpu_initialization=True)
+                use_cpu_initialization=True, moe_token_dispatcher_type="alltoall")
     base.update(kw)
     return TransformerConfig(**base)
 
