@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tagmoe_dist import faults
 from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
-from tagmoe_dist.training import checkpoint as ckpt
+from tagmoe_dist.checkpoint import engine as ckpt
 from tagmoe_dist.training.logging import MetricLogger
 
 TRAIN_DEFAULTS: Dict[str, Any] = dict(

@@ -30,7 +30,7 @@ Algorithm:
 
 With `reset_optimizer=True`, or when the source has no ZeRO 1/2 optimizer state (ZeRO-0, or a
 weights-only checkpoint), only the weights are written: the manifest says `weights_only: true` and
-why, and `tagmoe_dist.training.checkpoint.load` then loads the module only (Adam restarts from zero).
+why, and `tagmoe_dist.checkpoint.engine.load` then loads the module only (Adam restarts from zero).
 
 Memory: the source files are memory-mapped; the output optimizer partitions (one fp32 copy and
 two moments of the model) are built in memory before they are written. Files are unpickled with
@@ -39,10 +39,7 @@ weights_only=False (DeepSpeed stores Python objects): trusted input only.
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -50,32 +47,25 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import yaml
 
-from tagmoe_dist.checkpoint import MAIN_FILE, resolve_tag
-from tagmoe_dist.reshard import zero
-from tagmoe_dist.training.checkpoint import MANIFEST
+from tagmoe_dist.checkpoint import atomic, manifest as mf, zero
+from tagmoe_dist.checkpoint.files import (EXPERT_FILE, LATEST, MAIN_FILE, MODEL_CONFIG, RUN_JSON,
+                                          TASK_SCHEMA, TP_MAIN_FILE, UPCYCLE_METADATA, ZERO_FILE,
+                                          zero_file)
 
 PathLike = Union[str, Path]
-_ZERO_FILE = re.compile(r"^((?:bf16_)?zero_pp_rank_)(\d+)_mp_rank_00_optim_states\.pt$")
-_EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 # optimizer_state_dict entries that do not depend on the layout; copied from the source's rank 0
 _GLOBAL_KEYS = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad", "zero_stage",
                 "ds_version")
 _LAYOUT_KEYS = ("base_optimizer_state", "single_partition_of_fp32_groups", "group_paddings",
                 "param_alignment_paddings", "partition_count", "param_slice_mappings")
-_SIDE_FILES = ("task_schema.yaml", "run.json", "upcycle_metadata.json")
+_SIDE_FILES = (TASK_SCHEMA, RUN_JSON, UPCYCLE_METADATA)
 
 __all__ = ["reshard", "saved_layout"]
 
 
 def _resolve(src: PathLike, tag: Optional[str]) -> Tuple[Path, Path]:
-    """(checkpoint root, tag directory) of a root, a run directory or a step_N directory."""
-    src = Path(src)
-    if (src / "checkpoints" / "latest").is_file() and not (src / "latest").is_file():
-        src = src / "checkpoints"
-    if (src / MAIN_FILE).is_file() and tag is None:
-        return src.parent, src
     try:
-        return src, resolve_tag(src, tag)
+        return mf.locate(src, tag)
     except FileNotFoundError as e:
         raise ValueError(f"--src: {e}") from None
 
@@ -83,7 +73,7 @@ def _resolve(src: PathLike, tag: Optional[str]) -> Tuple[Path, Path]:
 def _zero_files(tag_dir: Path) -> Tuple[str, Dict[int, Path]]:
     prefixes, files = set(), {}
     for p in tag_dir.iterdir():
-        m = _ZERO_FILE.match(p.name)
+        m = ZERO_FILE.match(p.name)
         if m:
             prefixes.add(m.group(1))
             files[int(m.group(2))] = p
@@ -128,7 +118,7 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
     root, tag_dir = _resolve(src, tag)
     if dst.resolve() in (root.resolve(), tag_dir.resolve()):
         raise ValueError("--dst must differ from --src")
-    if (tag_dir / "mp_rank_01_model_states.pt").exists():
+    if (tag_dir / TP_MAIN_FILE).exists():
         raise ValueError(f"{tag_dir}: tensor-parallel checkpoints are not supported")
     if not (tag_dir / MAIN_FILE).is_file():
         raise ValueError(f"{tag_dir} has no {MAIN_FILE}: a ZeRO-3 or pipeline checkpoint? "
@@ -161,9 +151,7 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
         raise ValueError(f"{tag_dir}: optimizer files for ranks {sorted(zfiles)}, expected "
                          f"0..{src_world - 1} (dp_world_size); the checkpoint is incomplete")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic.new_dir(dst) as tmp:
         out_tag = tmp / tag_dir.name
         out_tag.mkdir()
         for path in experts:
@@ -180,41 +168,28 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
                           f"moments at step {step}")
             log(f"WARNING: {optim_note}")
         torch.save(main, out_tag / MAIN_FILE)
-        files = {p.name: p.stat().st_size for p in sorted(out_tag.iterdir())}
-        manifest = {"step": step, "files": files, "ep_size": ep_size, "world_size": world,
-                    "weights_only": reason is not None, "note": optim_note,
-                    "resharded_from": {"dir": str(tag_dir.resolve()), "ep_size": src_ep,
-                                       "world_size": src_world,
-                                       "files": manifest_in.get("files")}}
-        (out_tag / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (tmp / "latest").write_text(tag_dir.name)
+        mf.write(out_tag, step=step, ep_size=ep_size, world_size=world,
+                 weights_only=reason is not None, note=optim_note,
+                 resharded_from={"dir": str(tag_dir.resolve()), "ep_size": src_ep,
+                                 "world_size": src_world, "files": manifest_in.get("files")})
+        (tmp / LATEST).write_text(tag_dir.name)
         _write_side_files(root, tmp, dst, ep_size)
-        from tagmoe_dist.upcycle.convert import replace_dir
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.replace_dir(tmp, dst)
     log(f"wrote {dst}/{tag_dir.name} for ep_size {ep_size} on {world} processes; {optim_note}")
     return dst
 
 
 def _read_manifest(tag_dir: Path) -> dict:
-    path = tag_dir / MANIFEST
-    if not path.is_file():
+    if mf.read(tag_dir) is None:
         return {}
-    manifest = json.loads(path.read_text())
-    for name, size in manifest.get("files", {}).items():
-        p = tag_dir / name
-        if not p.is_file() or p.stat().st_size != size:
-            raise ValueError(f"checkpoint file {p} is missing or truncated (expected {size} bytes)")
-    return manifest
+    return mf.check(tag_dir)
 
 
 def _expert_files(tag_dir: Path, main: dict) -> List[Path]:
     found: Dict[int, Dict[int, Path]] = {}
     for p in tag_dir.iterdir():
-        m = _EXPERT_FILE.match(p.name)
-        if m:
+        m = EXPERT_FILE.match(p.name)
+        if m and int(m.group(3)) == 0:
             found.setdefault(int(m.group(1)), {})[int(m.group(2))] = p
     for layer, count in enumerate(main.get("num_experts") or []):
         missing = [e for e in range(count) if e not in found.get(layer, {})]
@@ -228,15 +203,15 @@ def _write_side_files(root: Path, out: Path, dst: Path, ep_size: int) -> None:
     for name in _SIDE_FILES:
         if (root / name).is_file():
             shutil.copy2(root / name, out / name)
-    cfg_path = root / "model_config.yaml"
+    cfg_path = root / MODEL_CONFIG
     if cfg_path.is_file():
         cfg = yaml.safe_load(cfg_path.read_text())
         train = dict(cfg.get("train") or {})
         train.update(ep_size=ep_size, log_dir=str(dst.resolve().parent))
         cfg["train"] = train
-        if (root / "task_schema.yaml").is_file() and cfg.get("task_schema"):
-            cfg["task_schema"] = str(dst.resolve() / "task_schema.yaml")
-        (out / "model_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if (root / TASK_SCHEMA).is_file() and cfg.get("task_schema"):
+            cfg["task_schema"] = str(dst.resolve() / TASK_SCHEMA)
+        (out / MODEL_CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
 def _write_optimizer(main: dict, tag_dir: Path, zfiles: Dict[int, Path], prefix: str,
@@ -291,5 +266,5 @@ def _write_optimizer(main: dict, tag_dir: Path, zfiles: Dict[int, Path], prefix:
         # The source's key order, so that an unchanged layout reproduces the files exactly.
         osd = {k: layout.get(k, v) for k, v in first.items()}
         out = {k: osd if k == "optimizer_state_dict" else v for k, v in files[0].items()}
-        torch.save(out, out_tag / f"{prefix}{rank}_mp_rank_00_optim_states.pt")
+        torch.save(out, out_tag / zero_file(prefix, rank))
     return src_eps.pop() if src_eps else None

@@ -1,4 +1,4 @@
-"""Command line: python -m tagmoe_dist.reshard --help."""
+"""Command line of resharding: python -m tagmoe_dist.reshard --help."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from tagmoe_dist.reshard import reshard
+    from tagmoe_dist.checkpoint.reshard import reshard
     try:
         reshard(args.src, args.dst, args.ep_size, world_size=args.world_size, tag=args.tag,
                 reset_optimizer=args.reset_optimizer, force=args.force,
