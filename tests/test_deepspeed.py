@@ -255,7 +255,10 @@ def check_against_reference(out_dir: Path, stage: int, world: int, clip: float =
                 # A divisor of the expert-DP size instead of the DP size would show here.
                 wrong = before[n][ids] - grads[n][ids] * got["dp_size"] / got["edp_size"]
                 if got["dp_size"] != got["edp_size"]:
-                    assert_rel_far(p, wrong, 1e-3, where)
+                    # measured on the update (SGD lr=1: the gradient), which the wrong divisor
+                    # scales by dp/edp; the weights themselves move by ~3e-4 of their scale
+                    b = before[n][ids].double()
+                    assert_rel_far(p.double() - b, wrong.double() - b, 0.1, where)
             assert_rel_close(p, want, REL_FP32, f"{where} differs from the reference")
 
 
