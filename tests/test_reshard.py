@@ -174,7 +174,7 @@ def test_reset_optimizer_writes_weights_only(runs, tmp_path):
     manifest = json.loads((out / "step_2" / "tagmoe_manifest.json").read_text())
     assert manifest["weights_only"] is True and "Adam restarts" in manifest["note"]
     assert not list((out / "step_2").glob("*optim_states.pt"))
-    assert _max_diff(consolidate(out), consolidate(runs["ref"], "step_2")) == 0.0
+    assert _max_rel_diff(consolidate(out), consolidate(runs["ref"], "step_2")) == 0.0
     cfg = yaml.safe_load((out / "model_config.yaml").read_text())
     assert cfg["train"]["ep_size"] == 1 and cfg["train"]["log_dir"] == str(out.parent.resolve())
 
