@@ -418,3 +418,62 @@ def _inside_tp2_ep2(rank, world):
 
 def test_inside_megatron_gpt_tp2_ep2():
     run_distributed(_inside_tp2_ep2, 4)
+
+
+# ---------------------------------------------------------------- Megatron-LM --spec helpers
+def _megatron_lm_spec_and_blend(rank, world, settings):
+    """What `--spec tagmoe_dist.integrations.megatron_lm gpt_spec` builds from Megatron-LM's
+    arguments, and the forward_step wrapper that takes task ids from the blend's dataset index."""
+    import types
+    from tests.megatron_cpu import init_megatron
+    init_megatron()
+    from tagmoe_dist.integrations import megatron as tmm
+    from tagmoe_dist.integrations import megatron_lm
+    assert not hasattr(megatron_lm, "gpt_spec")     # not inside a Megatron-LM run: helpers only
+    overrides, schema = megatron_lm.load_settings(settings)
+    assert overrides == {"router": "task_aware", "align_dim": 8, "align_hidden": 8}
+    assert schema.num_tags == SCHEMA.num_tags
+    args = types.SimpleNamespace(transformer_impl="local", normalization="LayerNorm",
+                                 qk_l2_norm=False, virtual_pipeline_model_parallel_size=None)
+    config = tconfig(num_layers=3, moe_layer_freq=[1, 0, 1])
+    ctx = TaskContext()
+    spec = megatron_lm.spec_from_args(args, config, overrides, schema, ctx)
+    model = gpt(config, spec)
+    mlps = [layer.mlp for layer in model.decoder.layers]
+    assert [isinstance(m, tmm.MegatronMoE) for m in mlps] == [True, False, True]
+    assert mlps[0].cfg.router == "task_aware" and mlps[2].alignment_head is not None
+
+    # task ids: dataset 0 -> (local, a), dataset 1 -> (global, unknown), dataset 2 -> unknown
+    table = torch.tensor([[0, 0], [1, -1], [-1, -1]])
+    data = [dict(tokens=b["tokens"], dataset_id=torch.tensor([2, 0])) for b in batches(2)]
+    seen = []
+
+    def forward_step(it, m):        # stands in for pretrain_gpt's: reads the batch, runs the model
+        b = next(it)
+        seen.append((b["tokens"], ctx.current.task.clone()))
+        pos = torch.arange(SEQ)[None].expand(MBS, SEQ)
+        return m(b["tokens"], pos, torch.tril(torch.ones(1, 1, SEQ, SEQ)) < 0.5)
+    step = megatron_lm.blend_forward_step(forward_step, table, ctx, mlps[0].groups)
+    it = iter(data)
+    step(it, model).sum().backward()
+    step(it, model)
+    assert [t for t, _ in seen] == [d["tokens"] for d in data]     # no batch lost or repeated
+    for _, task in seen:
+        torch.testing.assert_close(task, table[torch.tensor([2, 0])])
+    assert ctx.current is None
+    assert mlps[2].last_align            # the alignment loss ran: task ids reached the layers
+    bad = tm.ParallelGroups(pp_size=2, pp_rank=0)
+    with pytest.raises(ValueError, match="pipeline-model-parallel-size 1"):
+        megatron_lm.blend_forward_step(forward_step, table, ctx, bad)
+
+
+def test_megatron_lm_spec_and_blend_task_ids(tmp_path):
+    import yaml
+    schema_file = tmp_path / "tasks.yaml"
+    schema_file.write_text(yaml.safe_dump({"levels": {
+        "scope": ["local", "global"], "type": {"values": ["a", "b", "c"], "multi": True}}}))
+    settings = tmp_path / "moe.yaml"
+    settings.write_text(yaml.safe_dump({"moe": {"router": "task_aware", "align_dim": 8,
+                                                "align_hidden": 8},
+                                        "task_schema": "tasks.yaml"}))
+    run_distributed(_megatron_lm_spec_and_blend, 1, str(settings))
