@@ -430,7 +430,8 @@ def _megatron_lm_spec_and_blend(rank, world, settings):
     from tagmoe_dist.integrations import megatron as tmm
     from tagmoe_dist.integrations import megatron_lm
     assert not hasattr(megatron_lm, "gpt_spec")     # not inside a Megatron-LM run: helpers only
-    overrides, schema = megatron_lm.load_settings(settings)
+    loaded = megatron_lm.load_settings(settings)
+    overrides, schema = loaded.moe, loaded.task_schema
     assert overrides == {"router": "task_aware", "align_dim": 8, "align_hidden": 8}
     assert schema.num_tags == SCHEMA.num_tags
     args = types.SimpleNamespace(transformer_impl="local", normalization="LayerNorm",
@@ -444,7 +445,8 @@ def _megatron_lm_spec_and_blend(rank, world, settings):
     assert mlps[0].cfg.router == "task_aware" and mlps[2].alignment_head is not None
 
     # task ids: dataset 0 -> (local, a), dataset 1 -> (global, unknown), dataset 2 -> unknown
-    table = torch.tensor([[0, 0], [1, -1], [-1, -1]])
+    table = loaded.task_table()
+    torch.testing.assert_close(table, SCHEMA.to_multi_hot(torch.tensor([[0, 0], [1, -1], [-1, -1]])))
     data = [dict(tokens=b["tokens"], dataset_id=torch.tensor([2, 0])) for b in batches(2)]
     seen = []
 
@@ -465,6 +467,8 @@ def _megatron_lm_spec_and_blend(rank, world, settings):
     bad = tm.ParallelGroups(pp_size=2, pp_rank=0)
     with pytest.raises(ValueError, match="pipeline-model-parallel-size 1"):
         megatron_lm.blend_forward_step(forward_step, table, ctx, bad)
+    with pytest.raises(ValueError, match="--spec tagmoe_dist.integrations.megatron_lm"):
+        megatron_lm.blend_forward_step(forward_step)(iter(data), model)   # no model built by --spec
 
 
 def test_megatron_lm_spec_and_blend_task_ids(tmp_path):
@@ -475,5 +479,7 @@ def test_megatron_lm_spec_and_blend_task_ids(tmp_path):
     settings = tmp_path / "moe.yaml"
     settings.write_text(yaml.safe_dump({"moe": {"router": "task_aware", "align_dim": 8,
                                                 "align_hidden": 8},
-                                        "task_schema": "tasks.yaml"}))
+                                        "task_schema": "tasks.yaml",
+                                        "blend_tasks": [{"scope": "local", "type": ["a"]},
+                                                        {"scope": "global"}, None]}))
     run_distributed(_megatron_lm_spec_and_blend, 1, str(settings))

@@ -14,20 +14,24 @@ come from a YAML file named by the environment variable TAGMOE_MEGATRON_MOE (a t
 flags are Megatron-LM's; `--spec` takes no arguments):
 
     moe: {router: task_aware, align_loss_coeff: 0.05}     # MoEConfig overrides
-    task_schema: configs/tasks/tagmoe_paper.yaml          # needed by task-aware routers
+    task_schema: configs/tasks/text_tasks.yaml            # needed by task-aware routers
+    blend_tasks:                                          # the task of each --data-path dataset
+      - {scope: sequence_transform, type: [order_preserving]}
+      - null                                              # unknown task
 
 Task ids reach the layers through `task_context` (a TaskContext). Megatron-LM's forward_step
 does not open it: `router="task_aware"` then routes like top-k without an alignment loss.
-`blend_forward_step` wraps pretrain_gpt's forward_step so that each sample's task is the index
-of its dataset in the data blend (`--data-path`), mapped through a table (docs/megatron.md).
+`blend_forward_step(forward_step)` wraps pretrain_gpt's forward_step so that each sample's task
+is that of its dataset in the data blend (`--data-path`, `blend_tasks`; docs/megatron.md).
 Outside a Megatron-LM run importing this module defines the helpers only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,22 +43,45 @@ from tagmoe_dist.tasks import TaskSchema
 ENV = "TAGMOE_MEGATRON_MOE"
 
 
-def load_settings(path: Optional[str]) -> Tuple[Dict[str, Any], Optional[TaskSchema]]:
-    """(MoEConfig overrides, task schema) from the YAML file described above (None: neither)."""
+@dataclasses.dataclass
+class Settings:
+    """The TAGMOE_MEGATRON_MOE file: `moe` (MoEConfig overrides), `task_schema` (a schema YAML
+    path, relative to the working directory or to this file), `blend_tasks` (the task
+    descriptor of each dataset of --data-path, in order; null = unknown)."""
+    moe: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    task_schema: Optional[TaskSchema] = None
+    blend_tasks: Optional[List[Optional[Dict[str, Any]]]] = None
+
+    def task_table(self) -> torch.Tensor:
+        """Multi-hot [datasets, tags]: row d is the task of dataset d of the blend."""
+        if self.blend_tasks is None or self.task_schema is None:
+            raise ValueError(f"task ids from the data blend need 'blend_tasks' and 'task_schema' "
+                             f"in the {ENV} file")
+        return self.task_schema.multi_hot(self.blend_tasks)
+
+
+def load_settings(path: Optional[str]) -> Settings:
+    """The settings file described above (no path: no settings)."""
     if not path:
-        return {}, None
+        return Settings()
     import yaml
     with open(path) as f:
         d = yaml.safe_load(f) or {}
-    unknown = sorted(set(d) - {"moe", "task_schema"})
+    unknown = sorted(set(d) - {"moe", "task_schema", "blend_tasks"})
     if unknown:
         raise ValueError(f"{ENV}={path}: unknown keys {unknown}; the file has 'moe' (MoEConfig "
-                         "overrides) and 'task_schema' (a task schema YAML path)")
+                         "overrides), 'task_schema' (a task schema YAML path) and 'blend_tasks' "
+                         "(one task descriptor per dataset of the blend)")
     schema = d.get("task_schema")
     if schema is not None and not os.path.exists(schema):
         # a relative path that is not relative to the working directory: to the settings file
         schema = os.path.join(os.path.dirname(os.path.abspath(path)), schema)
-    return dict(d.get("moe") or {}), TaskSchema.from_yaml(schema) if schema else None
+    blend = d.get("blend_tasks")
+    if blend is not None and not isinstance(blend, list):
+        raise ValueError(f"{ENV}={path}: blend_tasks must be a list (one task descriptor per "
+                         f"dataset of --data-path), got {type(blend).__name__}")
+    return Settings(dict(d.get("moe") or {}), TaskSchema.from_yaml(schema) if schema else None,
+                    blend)
 
 
 def spec_from_args(args, config, moe_overrides: Optional[Dict[str, Any]] = None,
@@ -76,21 +103,42 @@ def spec_from_args(args, config, moe_overrides: Optional[Dict[str, Any]] = None,
         qk_l2_norm=getattr(args, "qk_l2_norm", False))
 
 
-def blend_forward_step(forward_step, task_table: torch.Tensor, task_context: TaskContext,
-                       groups: ParallelGroups):
+def blend_forward_step(forward_step, task_table: Optional[torch.Tensor] = None,
+                       task_context: Optional[TaskContext] = None,
+                       groups: Optional[ParallelGroups] = None):
     """pretrain_gpt's `forward_step(data_iterator, model, ...)` with task ids: Megatron's
     BlendedDataset gives every sample a "dataset_id" (its dataset's index in the blend), and
     sample b's task is `task_table[dataset_id[b]]` (task_table: LongTensor [datasets, levels],
     -1 = unknown, or multi-hot [datasets, tags]). The ranks that read data (tensor-parallel rank
     0) take the next batch, the ids go to the other TP ranks by broadcast, and the batch is handed
-    back to forward_step unchanged. Pipeline parallelism is not covered: the middle stages read
-    no data there (a ValueError)."""
-    if groups.pp_size > 1:
-        raise ValueError("blend_forward_step reads task ids from the data, which Megatron-LM loads "
-                         "on the first and last pipeline stages only: use it with "
-                         "--pipeline-model-parallel-size 1")
+    back to forward_step unchanged. Left out, the table, context and groups are this module's,
+    built by `--spec` at model build (the table from `blend_tasks`), looked up at the first step.
+    Pipeline parallelism is not covered: the middle stages read no data there (a ValueError)."""
+    state = {}
+
+    def resolve():
+        table, ctx, g = task_table, task_context, groups
+        if ctx is None:
+            if _BUILT is None:
+                raise ValueError("blend_forward_step without a task_context needs the model built "
+                                 "with --spec tagmoe_dist.integrations.megatron_lm gpt_spec")
+            ctx, g = _BUILT[1], g or _BUILT[2]
+        if table is None:
+            table = load_settings(os.environ.get(ENV)).task_table()
+        g = g or ParallelGroups.single()
+        if g.pp_size > 1:
+            raise ValueError("blend_forward_step reads task ids from the data, which Megatron-LM "
+                             "loads on the first and last pipeline stages only: use it with "
+                             "--pipeline-model-parallel-size 1")
+        state.update(table=table, ctx=ctx, groups=g)
+
+    if groups is not None and task_context is not None and task_table is not None:
+        resolve()           # everything given: errors now, not at the first step
 
     def step(data_iterator, model, *args, **kwargs):
+        if not state:
+            resolve()
+        task_table, task_context, groups = state["table"], state["ctx"], state["groups"]
         batch = next(data_iterator) if data_iterator is not None else None
         ids = None
         if batch is not None:
@@ -124,13 +172,14 @@ def _from_megatron_lm():
         args = get_args()
     except (ImportError, AssertionError):
         return None
-    overrides, schema = load_settings(os.environ.get(ENV))
+    settings = load_settings(os.environ.get(ENV))
     groups = ParallelGroups.from_megatron(sequence_parallel=bool(args.sequence_parallel))
     ctx = TaskContext(groups)
     config = core_transformer_config_from_args(args)
-    return spec_from_args(args, config, overrides, schema, ctx, groups), ctx
+    return (spec_from_args(args, config, settings.moe, settings.task_schema, ctx, groups), ctx,
+            groups)
 
 
 _BUILT = _from_megatron_lm()
 if _BUILT is not None:
-    gpt_spec, task_context = _BUILT
+    gpt_spec, task_context, _ = _BUILT
