@@ -25,16 +25,17 @@ import torch
 import torch.distributed as dist
 
 from tagmoe_dist import faults
+from tagmoe_dist.checkpoint import engine as ckpt
 from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
-from tagmoe_dist.checkpoint import engine as ckpt
+from tagmoe_dist.training import guard, run_dir
 from tagmoe_dist.training.logging import MetricLogger
 
 TRAIN_DEFAULTS: Dict[str, Any] = dict(
     seed=0, ep_size=1, steps=100, batch_size_per_rank=8, grad_accum=1, lr=1e-3, min_lr=1e-4,
     warmup_steps=10, weight_decay=0.0, grad_clip=1.0, eval_interval=50, eval_samples_per_task=32,
     log_interval=10, checkpoint_interval=0, log_dir="runs/default", data="synthetic",
-    eval_data="", tokenizer="byte", heartbeat_timeout_s=60.0)
+    eval_data="", tokenizer="byte", heartbeat_timeout_s=60.0, keep_last=0)
 
 
 def parse_args(argv=None):
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     ap.add_argument("--config", required=True, help="model + training YAML (configs/models/*.yaml)")
     ap.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (configs/deepspeed/*.json)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log_dir")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in a log_dir that holds an earlier run (its checkpoints/, "
+                         "steps.jsonl and tb/ are deleted)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="override train.* keys, e.g. --set steps=20 log_dir=/tmp/run")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -70,6 +74,13 @@ def load_train_config(cfg: GPTConfig, overrides) -> Dict[str, Any]:
     for k in ("steps", "batch_size_per_rank", "grad_accum", "ep_size", "eval_samples_per_task"):
         if train[k] < 1:
             raise ValueError(f"train.{k} must be >= 1, got {train[k]}")
+    # -- run safety (docs/reliability.md): no NaN/inf setting, no negative retention
+    for k, v in train.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"train.{k}={v} is not a finite number; give a finite value")
+    if train["keep_last"] < 0:
+        raise ValueError(f"train.keep_last must be >= 0 (0 keeps every checkpoint), got "
+                         f"{train['keep_last']}")
     if train["heartbeat_timeout_s"] != 0 and train["heartbeat_timeout_s"] < 2:
         raise ValueError("train.heartbeat_timeout_s must be 0 (watchdog off) or >= 2 seconds, "
                          f"got {train['heartbeat_timeout_s']}")
@@ -204,6 +215,7 @@ def main(argv=None) -> int:
     ds_config = load_ds_config(args.deepspeed_config, train, world)
     schema = cfg.load_task_schema()
     data, evals = build_data(cfg, train, schema)
+    run_dir.check_fresh(Path(train["log_dir"]), args.resume, args.overwrite)
     tds.init_distributed()
     # A rank that dies or hangs makes the others exit (code 75) naming it, within the timeout.
     with faults.Watchdog.start(train["heartbeat_timeout_s"]):
@@ -222,6 +234,21 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
               f"{info.master_port}", file=sys.stderr)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    # -- run safety: verify and compare the checkpoint before building anything (docs/reliability.md)
+    log_dir = Path(train["log_dir"])
+    ckpt_dir = log_dir / "checkpoints"
+    run_config = ckpt.effective_config(cfg, train)
+    resume = None
+    if args.resume:
+        explicit = [item.split("=", 1)[0] for item in args.set]
+        resume = ckpt.prepare_resume(ckpt_dir, run_config, explicit, world,
+                                     train["ep_size"] if not cfg.is_dense else None)
+    elif args.overwrite:
+        if rank == 0:
+            for p in run_dir.clear(log_dir):
+                print(f"--overwrite: removed {p}", file=sys.stderr)
+        dist.barrier()
+    # --
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
     model = GPT(cfg, groups=groups, task_schema=schema).to(device)
@@ -235,14 +262,9 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                                    optimizer=optimizer, config=ds_config)
 
-    log_dir = Path(train["log_dir"])
-    ckpt_dir = log_dir / "checkpoints"
     start = 0
-    if args.resume:
-        start = ckpt.load(engine, ckpt_dir, train["ep_size"] if not cfg.is_dense else None)
-    elif rank == 0 and ckpt.has_checkpoint(ckpt_dir):
-        print(f"note: {ckpt_dir} already holds checkpoints; pass --resume to continue from them",
-              file=sys.stderr)
+    if resume is not None:
+        start = ckpt.load(engine, ckpt_dir, resume=resume)
     if rank == 0:
         ckpt.write_run_config(ckpt_dir, args.config, cfg, schema, train, ds_config)
 
@@ -250,6 +272,12 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     collate = TaskCollator(data.schema)
     logger = MetricLogger(log_dir, model, data.task_names, rank == 0, start, train["steps"])
     stop = StopFlag()
+
+    saved = []
+
+    def save(step):
+        ckpt.save(engine, ckpt_dir, step, config=run_config, keep_last=train["keep_last"])
+        saved.append(step)
 
     step = start
     for step in range(start, train["steps"]):
@@ -264,6 +292,13 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
             engine.backward(loss)
             engine.step()
             logger.observe(loss_B.detach(), batch)
+        try:  # -- run safety: a NaN/inf loss or gradient norm stops the run, uncheckpointed
+            guard.check_finite(step, float(loss.detach()), engine.get_global_grad_norm(), device)
+        except ckpt.NonFiniteError as e:
+            logger.close()
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
         for layer in model.moe_layers():
             layer.update_expert_bias()
         tokens = int(batch["attention_mask"].sum()) * train["grad_accum"] * world
@@ -273,14 +308,14 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         if train["eval_interval"] and (done % train["eval_interval"] == 0 or done == train["steps"]):
             logger.log_eval(done, evaluate(engine, model, evals, collate, device))
         if stop.agreed():
-            ckpt.save(engine, ckpt_dir, done)
+            save(done)
             logger.message(f"stopped by signal at step {done}; checkpoint written")
             logger.close()
             return 0
         if train["checkpoint_interval"] and done % train["checkpoint_interval"] == 0:
-            ckpt.save(engine, ckpt_dir, done)
-    if train["steps"] > start:
-        ckpt.save(engine, ckpt_dir, train["steps"])
+            save(done)
+    if train["steps"] > start and saved[-1:] != [train["steps"]]:
+        save(train["steps"])
     logger.close()
     return 0
 

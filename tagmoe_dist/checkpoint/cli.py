@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     ex = sub.add_parser("export", help="consolidate a checkpoint (all expert-parallel ranks) into "
                                        "one global fp32 state dict file",
                         description=consolidate.__doc__)
-    ex.add_argument("--ckpt", required=True, help="checkpoint root (the directory holding 'latest')")
+    ex.add_argument("--ckpt", required=True, help="checkpoint root (the directory holding 'latest'), "
+                                                  "one of its step_N directories, or the run directory")
     ex.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_100 (default: 'latest')")
     ex.add_argument("--out", required=True, help="output file: .safetensors or .pt")
     args = ap.parse_args(argv)
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     try:
         sd = consolidate(args.ckpt, args.tag)
         (save_safetensors if out.suffix == ".safetensors" else save_torch)(sd, out)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     numel = sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
