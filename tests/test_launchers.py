@@ -146,6 +146,25 @@ def test_scripts_parse_and_refuse_bad_settings(tmp_path):
     assert r.returncode != 0 and "set SRC and DST" in r.stderr, r.stderr
 
 
+def test_compiled_code_cache_is_private_and_outside_the_repository(tmp_path):
+    # Every script's TORCH_EXTENSIONS_DIR default (DeepSpeed's JIT op and the native kernel are
+    # loaded from it): under the user's cache, created 0700, never inside the repository.
+    scripts = [*LAUNCHERS.glob("*.sh"), *LAUNCHERS.glob("slurm/*.sbatch"),
+               ROOT / "scripts" / "setup.sh"]
+    for script in scripts:
+        lines = [ln for ln in script.read_text().splitlines()
+                 if ln.startswith(("export TORCH_EXTENSIONS_DIR=", "(umask 077"))]
+        if not any("TORCH_EXTENSIONS_DIR" in ln for ln in lines):
+            continue                                   # local.sh: takes setup.sh's
+        home = tmp_path / script.stem
+        env = {"PATH": ENV["PATH"], "HOME": str(home), "ROOT": str(ROOT)}
+        r = subprocess.run(["bash", "-c", "\n".join(lines) + '\necho "$TORCH_EXTENSIONS_DIR"'],
+                           env=env, capture_output=True, text=True, timeout=30)
+        where = Path(r.stdout.strip())
+        assert r.returncode == 0 and home in where.parents, (script, r.stdout, r.stderr)
+        assert oct(where.stat().st_mode & 0o777) == "0o700", script
+
+
 # ---- clean runs ----------------------------------------------------------------------------
 
 def test_deepspeed_sh_hostfile_trains(tmp_path):
