@@ -152,6 +152,17 @@ def test_reshard_refuses_a_half_written_step(run, tmp_path):
     assert not (tmp_path / "new" / "checkpoints").exists()
 
 
+def test_outputs_never_land_inside_their_source(run):
+    ck = run / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in ck.rglob("*")}
+    r = _run("-m", "tagmoe_dist.reshard", "--src", str(run), "--dst", str(ck), "--ep-size", "1",
+             "--force")
+    assert r.returncode == 2 and "choose an output directory" in r.stderr, r.stderr
+    r = _export("--ckpt", str(ck), "--out", str(ck / "step_4" / MAIN_FILE))
+    assert r.returncode == 2 and "lies inside --ckpt" in r.stderr, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in ck.rglob("*")} == before
+
+
 def test_outputs_follow_the_umask(run, tmp_path):
     dst = tmp_path / "new" / "checkpoints"
     r = _run("-m", "tagmoe_dist.reshard", "--src", str(run), "--dst", str(dst), "--ep-size", "1",

@@ -27,6 +27,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         ap.error(f"--out {out}: use a .safetensors or .pt file name")
+    ckpt = Path(args.ckpt).resolve()
+    if ckpt == out.resolve() or ckpt in out.resolve().parents:
+        ap.error(f"--out {out} lies inside --ckpt {args.ckpt}; write the export outside the "
+                 "checkpoint it reads")
     try:
         sd = consolidate(args.ckpt, args.tag)
         (save_safetensors if out.suffix == ".safetensors" else save_torch)(sd, out)

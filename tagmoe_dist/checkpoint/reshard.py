@@ -52,6 +52,7 @@ from tagmoe_dist.checkpoint import atomic, loading, manifest as mf, zero
 from tagmoe_dist.checkpoint.files import (EXPERT_FILE, LATEST, MAIN_FILE, MODEL_CONFIG, RUN_JSON,
                                           TASK_SCHEMA, TP_MAIN_FILE, UPCYCLE_METADATA, ZERO_FILE,
                                           zero_file)
+from tagmoe_dist.paths import check_output_dir
 
 PathLike = Union[str, Path]
 # optimizer_state_dict entries that do not depend on the layout; copied from the source's rank 0
@@ -123,11 +124,11 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
         raise ValueError(f"--dst {dst}: name the directory 'checkpoints' (e.g. runs/b/checkpoints): "
                          "the trainer resumes from <log_dir>/checkpoints, and the written config "
                          "sets log_dir to its parent")
+    check_output_dir(src, dst)
     if dst.exists() and not force:
         raise ValueError(f"--dst {dst} already exists; pass --force to overwrite it")
     root, tag_dir, manifest_in = _select(src, tag, log)
-    if dst.resolve() in (root.resolve(), tag_dir.resolve()):
-        raise ValueError("--dst must differ from --src")
+    check_output_dir(root, dst)
     if (tag_dir / TP_MAIN_FILE).exists():
         raise ValueError(f"{tag_dir}: tensor-parallel checkpoints are not supported")
     if not (tag_dir / MAIN_FILE).is_file():
