@@ -296,3 +296,36 @@ def test_diverging_run_stops_and_never_checkpoints_nan(tmp_path):
         weights = consolidate(ck, tag_dir.name)
         assert all(torch.isfinite(v).all() for v in weights.values()), tag_dir
     assert tag is None or int(tag.split("_")[1]) < 6
+
+
+# ------------------------------------------------------------------ engine.save on its own
+def _nan_save_worker(rank, world, out_dir):
+    from tagmoe_dist.checkpoint import engine as ckpt
+    from tagmoe_dist.integrations import deepspeed as tds
+    from tests.test_deepspeed import _train as step, batch, build, deepspeed, ds_config
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = tds.prepare_model(build(tds.parallel_groups(2), seed=0))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=tds.optimizer_param_groups(model),
+                                      config=ds_config(2, optimizer={"type": "AdamW", "params": {
+                                          "lr": 1e-2, "torch_adam": True}}))
+    root = Path(out_dir) / "ckpt"
+    step(engine, batch(1, rank))
+    ckpt.save(engine, root, 1, keep_last=1)
+    step(engine, batch(2, rank))
+    if rank == 1:                       # one rank's expert goes NaN: every rank must refuse
+        with torch.no_grad():
+            model.moe.experts.w1.view(-1)[0] = float("nan")
+    try:
+        ckpt.save(engine, root, 2, keep_last=1)
+    except ckpt.NonFiniteError as e:
+        Path(out_dir, f"refused{rank}").write_text(str(e))
+
+
+def test_save_refuses_nan_weights_on_every_rank(tmp_path):
+    from tests.dist_utils import run_distributed
+    run_distributed(_nan_save_worker, 2, str(tmp_path))
+    for rank in range(2):
+        assert "step 2: the model weights hold NaN" in (tmp_path / f"refused{rank}").read_text()
+    root = tmp_path / "ckpt"
+    assert (root / "latest").read_text() == "step_1" and not (root / "step_2").exists()
+    mf.check(root / "step_1")           # keep_last=1 never removes the step 'latest' names
