@@ -149,7 +149,7 @@ def _optimizer_state(engine):
 
 def _checkpoint_worker(rank, world, out_dir):
     from tagmoe_dist.integrations import deepspeed as tds
-    from tagmoe_dist.training import checkpoint as ckpt
+    from tagmoe_dist.checkpoint import engine as ckpt
     deepspeed.init_distributed(dist_backend="gloo")
     groups = tds.parallel_groups(2)
     cfg = ds_config(2, optimizer={"type": "AdamW", "params": {

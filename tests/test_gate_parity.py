@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import tagmoe_dist as tm
-from tagmoe_dist.dispatch.permute import expert_capacity
+from tagmoe_dist.gating.capacity import expert_capacity
 from tagmoe_dist.gating.topk import TopKRouter
 from tests.tolerance import REL_FP32, assert_rel_close, assert_rel_far
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from tagmoe_dist import paths
-from tagmoe_dist.dispatch import native
+from tagmoe_dist.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
 _PROBE = ("import warnings; warnings.simplefilter('always')\n"
-          "from tagmoe_dist.dispatch import native\n"
+          "from tagmoe_dist.kernels import native\n"
           "print(native.status())\n")
 
 

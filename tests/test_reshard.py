@@ -23,8 +23,8 @@ import pytest
 import torch
 import yaml
 
-from tagmoe_dist.checkpoint import consolidate
-from tagmoe_dist.reshard import reshard, saved_layout, zero
+from tagmoe_dist.checkpoint import consolidate, zero
+from tagmoe_dist.checkpoint.reshard import reshard, saved_layout
 from tagmoe_dist.reshard.__main__ import main as cli_main
 from tests.tolerance import REL_FP32, rel_diff
 
