@@ -117,9 +117,13 @@ def test_vocab_smaller_than_the_tokenizer_fails_before_waiting(tmp_path):
 def test_console_shows_what_was_learned_without_warning_noise(tmp_path):
     """The main job's console: the real launcher's name, per-task exact match at each
     evaluation, greedy answers to held-out prompts at the end, no repeated FutureWarning."""
-    r = _train(tmp_path / "run", 4, "--set", "eval_interval=2", "eval_samples_per_task=4")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tagmoe_dist.train", "--config", "configs/models/tiny_tag.yaml",
+           "--deepspeed_config", "configs/deepspeed/zero2.json", "--set", "steps=4",
+           f"log_dir={tmp_path / 'run'}", *FAST, "eval_interval=2", "eval_samples_per_task=4"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    err = r.stderr
+    err = r.stdout + r.stderr                 # messages go through tqdm.write (stdout)
     assert "launch: 2 processes via torchrun" in err
     assert err.count("| exact match copy ") == 2, err[-3000:]          # steps 2 and 4
     assert "answers to held-out prompts (greedy decoding):" in err
