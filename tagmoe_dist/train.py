@@ -26,11 +26,11 @@ import torch.distributed as dist
 
 from tagmoe_dist import faults
 from tagmoe_dist.checkpoint import engine as ckpt
-from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits
+from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, check_vocab, eval_splits
 from tagmoe_dist.layer import plan_overlap
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
-from tagmoe_dist.training import guard, run_dir
-from tagmoe_dist.training.logging import MetricLogger
+from tagmoe_dist.training import evaluation, guard, run_dir
+from tagmoe_dist.training.logging import MetricLogger, silence_known_deprecations
 
 TRAIN_DEFAULTS: Dict[str, Any] = dict(
     seed=0, ep_size=1, steps=100, batch_size_per_rank=8, grad_accum=1, lr=1e-3, min_lr=1e-4,
@@ -72,7 +72,8 @@ def load_train_config(cfg: GPTConfig, overrides) -> Dict[str, Any]:
             train[k] = kind(v) if not isinstance(v, kind) else v
         except (TypeError, ValueError):
             raise ValueError(f"train.{k}={v!r} is not a valid {kind.__name__}") from None
-    for k in ("steps", "batch_size_per_rank", "grad_accum", "ep_size", "eval_samples_per_task"):
+    for k in ("steps", "batch_size_per_rank", "grad_accum", "ep_size", "eval_samples_per_task",
+              "log_interval"):
         if train[k] < 1:
             raise ValueError(f"train.{k} must be >= 1, got {train[k]}")
     # -- run safety (docs/reliability.md): no NaN/inf setting, no negative retention
@@ -118,15 +119,19 @@ def lr_at(step: int, train: Dict[str, Any]) -> float:
 
 class StopFlag:
     """Set by SIGTERM/SIGINT on any rank; agreed on by all ranks once per step (one tiny
-    all-reduce), so every rank writes the same final checkpoint."""
+    all-reduce), so every rank writes the same final checkpoint. A run stopped before its last
+    step then exits 128 + the signal number (143 for SIGTERM), as a shell reports a process
+    killed by it: schedulers and workflow tools must not read an unfinished run as done."""
 
     def __init__(self):
         self.raised = False
+        self.exit_code = 128 + signal.SIGTERM
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.raised = True
+        self.exit_code = 128 + signum
 
     def agreed(self) -> bool:
         if not dist.is_initialized():
@@ -164,6 +169,7 @@ def build_data(cfg, train: Dict[str, Any], schema):
     optional train.eval_data=FILE.jsonl whose records are evaluated per task)."""
     if train["data"] == "synthetic":
         data = SyntheticTextTasks(10 ** 9, seq_len=cfg.seq_len, seed=train["seed"], schema=schema)
+        check_vocab(data.tokenizer, cfg.vocab_size)
         evals = eval_splits(train["eval_samples_per_task"], seq_len=cfg.seq_len, seed=train["seed"],
                             schema=schema)
         return data, evals
@@ -171,9 +177,7 @@ def build_data(cfg, train: Dict[str, Any], schema):
     if schema is None:
         raise ValueError("train.data=<jsonl> needs a task schema: set task_schema in the model YAML")
     tok = load_tokenizer(None if train["tokenizer"] == "byte" else train["tokenizer"])
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"train.tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
-                         f"{cfg.vocab_size}; raise vocab_size in the model YAML")
+    check_vocab(tok, cfg.vocab_size)
     data = JsonlTextDataset(train["data"], schema, seq_len=cfg.seq_len, tokenizer=tok)
     evals = {}
     if train["eval_data"]:
@@ -186,20 +190,9 @@ def build_data(cfg, train: Dict[str, Any], schema):
     return _Cycle(data), evals
 
 
-@torch.no_grad()
-def evaluate(engine, model, sets, collate, device) -> Dict[str, float]:
-    model.eval()
-    out = {}
-    for name, ds in sets.items():
-        batch = collate([ds[i] for i in range(len(ds))])
-        logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
-        out[name] = float(lm_loss(logits, batch["labels"].to(device)))
-    model.train()
-    return out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
+    silence_known_deprecations()
     cfg = GPTConfig.from_yaml(args.config)
     train = load_train_config(cfg, args.set)
 
@@ -208,7 +201,7 @@ def main(argv=None) -> int:
     check_extension_locks()
     # Everything that can be wrong with the input is checked before any process group waits,
     # so a bad config fails on every rank at once instead of hanging the healthy ones.
-    from tagmoe_dist.launch import discover
+    from tagmoe_dist.launch import discover, launcher_name
     world = discover().world_size
     if world % train["ep_size"] != 0:
         raise ValueError(f"train.ep_size={train['ep_size']} does not divide the {world} processes; "
@@ -217,22 +210,23 @@ def main(argv=None) -> int:
     schema = cfg.load_task_schema()
     data, evals = build_data(cfg, train, schema)
     run_dir.check_fresh(Path(train["log_dir"]), args.resume, args.overwrite)
+    launcher = discover().launcher                     # before init_distributed rewrites the env
     tds.init_distributed()
-    # A rank that dies or hangs makes the others exit (code 75) naming it, within the timeout.
-    with faults.Watchdog.start(train["heartbeat_timeout_s"]):
-        return _train(args, cfg, train, ds_config, world, schema, data, evals)
+    if dist.get_rank() == 0:
+        info = discover()
+        print(f"launch: {world} processes via {launcher_name(launcher)}, master "
+              f"{info.master_addr}:{info.master_port}", file=sys.stderr)
+    # A rank that dies, hangs or stops making progress (e.g. stuck writing a checkpoint) makes
+    # the others exit (code 75) naming it, within the timeout (tagmoe_dist/faults.py).
+    with faults.Watchdog.start(train["heartbeat_timeout_s"]) as watchdog:
+        return _train(args, cfg, train, ds_config, world, schema, data, evals, watchdog)
 
 
 def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any], world: int,
-           schema, data, evals) -> int:
+           schema, data, evals, watchdog) -> int:
     import deepspeed
     from tagmoe_dist.integrations import deepspeed as tds
     rank = dist.get_rank()
-    if rank == 0:
-        from tagmoe_dist.launch import discover
-        info = discover()
-        print(f"launch: {world} processes via {info.launcher}, master {info.master_addr}:"
-              f"{info.master_port}", file=sys.stderr)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     # -- run safety: verify and compare the checkpoint before building anything (docs/reliability.md)
@@ -278,9 +272,11 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
 
     saved = []
 
-    def save(step):
-        ckpt.save(engine, ckpt_dir, step, config=run_config, keep_last=train["keep_last"])
-        saved.append(step)
+    def save(done: int) -> None:              # a write that hangs is named (faults.py, step 5)
+        watchdog.progress(f"writing checkpoint step_{done}")
+        ckpt.save(engine, ckpt_dir, done, config=run_config, keep_last=train["keep_last"])
+        saved.append(done)
+        watchdog.progress(f"step {done + 1}")
 
     step = start
     for step in range(start, train["steps"]):
@@ -308,17 +304,23 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         logger.step_done(step, float(loss.detach()), tokens, time.perf_counter() - t0,
                          log=(step + 1) % train["log_interval"] == 0)
         done = step + 1
+        watchdog.progress(f"step {done + 1}")
         if train["eval_interval"] and (done % train["eval_interval"] == 0 or done == train["steps"]):
-            logger.log_eval(done, evaluate(engine, model, evals, collate, device))
+            logger.log_eval(done, *evaluation.evaluate(engine, model, evals, collate, device,
+                                                       watchdog.progress))
         if stop.agreed():
             save(done)
             logger.message(f"stopped by signal at step {done}; checkpoint written")
             logger.close()
-            return 0
+            return stop.exit_code if done < train["steps"] else 0
         if train["checkpoint_interval"] and done % train["checkpoint_interval"] == 0:
             save(done)
-    if train["steps"] > start and saved[-1:] != [train["steps"]]:
-        save(train["steps"])
+    if train["steps"] > start:
+        if saved[-1:] != [train["steps"]]:
+            save(train["steps"])
+        if evals:                             # every rank: expert-parallel forwards
+            logger.show_answers(evaluation.format_answers(
+                evaluation.greedy_answers(engine, model, evals, collate, device)))
     logger.close()
     return 0
 
