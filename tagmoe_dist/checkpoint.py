@@ -85,7 +85,8 @@ def _stacked_name(m: "re.Match") -> str:
 
 
 def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The global fp32 state dict of a DeepSpeed (ZeRO 0-2) checkpoint, experts stacked.
+    """The global fp32 state dict of a DeepSpeed checkpoint, experts stacked (ZeRO 0-2 here;
+    ZeRO-3: integrations/zero3_checkpoint.consolidate).
 
     Reads `<ckpt_dir>/<tag or latest>/`. Raises ValueError naming the first missing expert file if
     any expert id 0..E-1 of any MoE layer is absent (e.g. an expert-parallel rank did not save).
@@ -94,8 +95,8 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
     main = tag_dir / MAIN_FILE
     if not main.is_file():
         if (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
-            raise ValueError(f"{tag_dir} is a ZeRO-3 checkpoint; consolidate() reads ZeRO 0-2 "
-                             "checkpoints (tagmoe_dist refuses ZeRO-3 with MoE layers)")
+            from tagmoe_dist.integrations import zero3_checkpoint
+            return zero3_checkpoint.consolidate(tag_dir)
         raise FileNotFoundError(f"{main} not found: is {tag_dir} a DeepSpeed checkpoint?")
     if (tag_dir / "mp_rank_01_model_states.pt").is_file():
         raise ValueError(f"{tag_dir}: checkpoints with model (tensor) parallel size > 1 are not "

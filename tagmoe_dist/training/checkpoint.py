@@ -36,7 +36,9 @@ def has_checkpoint(ckpt_dir: Path) -> bool:
 
 def save(engine, ckpt_dir: Path, step: int) -> Path:
     tag = f"step_{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    # ZeRO-3 models add their layout (integrations/zero3_checkpoint.client_state)
+    client = {"step": step, **getattr(engine.module, "tagmoe_client_state", {})}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
     if dist.is_initialized():
         dist.barrier()
     tag_dir = Path(ckpt_dir) / tag
@@ -87,6 +89,12 @@ def load(engine, ckpt_dir: Path, ep_size: Optional[int] = None) -> int:
                 f"{saved['world_size']} processes; resuming at ep_size={ep_size} on {world} would "
                 "scramble the experts' optimizer state. Reshard it first: python -m "
                 f"tagmoe_dist.reshard --src {ckpt_dir} --dst <new run>/checkpoints --ep-size {ep_size}")
+    if manifest.get("weights_only") and engine.zero_optimization_partition_weights():
+        # ZeRO-3 engines cannot load ZeRO 0-2 module files: whole weights, then partitioned
+        from tagmoe_dist.checkpoint import consolidate
+        from tagmoe_dist.integrations.zero3_checkpoint import load_weights
+        load_weights(engine, consolidate(ckpt_dir, tag))
+        return int(manifest.get("step", 0))
     if manifest.get("weights_only"):
         # Upcycled or optimizer-reset checkpoints (tagmoe_dist.upcycle / tagmoe_dist.reshard) have
         # no optimizer files: load the module only; DeepSpeed then refreshes ZeRO's fp32 master
