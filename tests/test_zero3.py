@@ -57,10 +57,12 @@ def batch(step: int, rank: int, schema):
     return ids, task
 
 
-def build_engine(cfg, stage: int, ep_size: int, seed: int = 0, **zero):
-    from tagmoe_dist.integrations import deepspeed as tds, zero3
+def build_engine(cfg, stage: int, ep_size: int, seed: int = 0, **extra):
+    """A DeepSpeed engine around a tiny GPT built the way tagmoe_dist.train builds it; `extra`:
+    top-level DeepSpeed config entries."""
+    from tagmoe_dist.integrations import deepspeed as tds
     from tagmoe_dist.models.gpt import GPT
-    ds = ds_config(stage, **zero)
+    ds = {**ds_config(stage), **extra}
     tds.check_zero_stage(ds, ep_size)
     groups = tds.parallel_groups(ep_size)
     schema = cfg.load_task_schema()
@@ -71,7 +73,6 @@ def build_engine(cfg, stage: int, ep_size: int, seed: int = 0, **zero):
     params = tds.optimizer_param_groups(model, weight_decay=0.1)
     opt = torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=opt, config=ds)
-    del zero3
     return engine, model, schema
 
 
