@@ -13,6 +13,8 @@ gloo/CPU, each checked against ZeRO-2 computed in the same spawn.
      turns a hang into a failure) and equals ZeRO-2.
   d. Checkpoints: save at step 10 of 20, a new engine loads it and its steps 11-20 equal the
      uninterrupted run's bit for bit.
+  e. The reference DiT (task-aware router, parameters held by the root module) under ZeRO-3
+     equals ZeRO-2 for 6 steps.
 """
 
 from __future__ import annotations
@@ -57,10 +59,38 @@ def batch(step: int, rank: int, schema):
     return ids, task
 
 
+def dit_config():
+    from tagmoe_dist.models.dit import DiTConfig
+    return DiTConfig(image_size=8, patch_size=4, n_layer=2, n_head=2, d_model=16,
+                     task_schema=str(REPO / "configs/tasks/image_tasks.yaml"),
+                     moe=dict(ffn_hidden_size=16, num_experts=4, top_k=2, router="task_aware",
+                              overlap_chunks=1, align_dim=8, align_hidden=8, init_std=0.1))
+
+
+def dit_steps(engine, model, schema, rank, steps):
+    """Flow-matching steps of the DiT (models/dit.py flow_matching_loss, written through the
+    engine's forward); the batch is a pure function of (step, rank)."""
+    losses = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        target, source, noise = (torch.randn(B, 3, 8, 8, generator=g) for _ in range(3))
+        t = torch.rand(B, generator=g)
+        instruction = torch.randint(0, 19, (B, 3), generator=g)
+        task = torch.stack([torch.randint(0, len(lv.values), (B,), generator=g)
+                            for lv in schema.levels], 1)
+        x_t = (1 - t[:, None, None, None]) * target + t[:, None, None, None] * noise
+        loss = (engine(x_t, t, source, instruction, task=task) - (noise - target)).square().mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def build_engine(cfg, stage: int, ep_size: int, seed: int = 0, **extra):
     """A DeepSpeed engine around a tiny GPT built the way tagmoe_dist.train builds it; `extra`:
     top-level DeepSpeed config entries."""
     from tagmoe_dist.integrations import deepspeed as tds
+    from tagmoe_dist.models.dit import DiT, DiTConfig
     from tagmoe_dist.models.gpt import GPT
     ds = {**ds_config(stage), **extra}
     tds.check_zero_stage(ds, ep_size)
@@ -68,7 +98,8 @@ def build_engine(cfg, stage: int, ep_size: int, seed: int = 0, **extra):
     schema = cfg.load_task_schema()
     torch.manual_seed(seed)
     with tds.build_context(ds):
-        model = GPT(cfg, groups=groups, task_schema=schema)
+        model = (DiT if isinstance(cfg, DiTConfig) else GPT)(cfg, groups=groups,
+                                                             task_schema=schema)
     tds.prepare_model(model, ds)
     params = tds.optimizer_param_groups(model, weight_decay=0.1)
     opt = torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95))
@@ -127,6 +158,11 @@ def _equality_worker(rank, world, ep_size, out_dir, with_checkpoint):
             loads = [layer.last_stats["load"].tolist() for layer in model.moe_layers()]
             out["losses"][f"skip/zero{stage}"] = losses
             out["skip_loads"] = loads
+            engine.destroy()
+        # e. the DiT (root-level parameters, the instruction table read by indexing)
+        for stage in (2, 3):
+            engine, model, schema = build_engine(dit_config(), stage, ep_size)
+            out["losses"][f"dit/zero{stage}"] = dit_steps(engine, model, schema, rank, 6)
             engine.destroy()
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
 
@@ -208,6 +244,12 @@ def test_rank_skipping_experts(run2):
         assert loads[2] == 0 and loads[3] == 0 and loads[0] > 0, loads   # rank 1's experts idle
     for r in res:
         _assert_close(r["losses"]["skip/zero3"], r["losses"]["skip/zero2"])
+
+
+# ---------------------------------------------------------------------------- e. DiT
+def test_dit_losses_equal_zero2_ep2(run2):
+    for r in _results(run2, 2):
+        _assert_close(r["losses"]["dit/zero3"], r["losses"]["dit/zero2"])
 
 
 # ---------------------------------------------------------------------------- d. resume
