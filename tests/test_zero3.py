@@ -45,6 +45,8 @@ def gpt_config(router: str, **moe):
 
 
 def ds_config(stage: int, **zero):
+    if stage == 3:       # every parameter partitioned (none kept whole as "persistent")
+        zero = {"stage3_param_persistence_threshold": 0, **zero}
     return {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1,
             "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
             "zero_optimization": {"stage": stage, **zero}}

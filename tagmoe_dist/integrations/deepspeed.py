@@ -13,6 +13,9 @@ What DeepSpeed needs from an MoE model, and how we give it:
      file*; keys that do not match its `deepspeed_moe.experts.deepspeed_experts.<i>` pattern would
      be lost. So the container writes its stacked weights as per-expert views under exactly that
      pattern, and reads either form back.
+That is ZeRO 0-2. Under ZeRO-3 the engine refuses native MoE modules, so experts are not declared
+as such: `build_context` / `prepare_model(model, ds_config)` hand over to `zero3.py`, which puts
+DeepSpeed AutoEP's placement marks on them instead.
 """
 
 from __future__ import annotations

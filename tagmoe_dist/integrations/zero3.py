@@ -235,8 +235,9 @@ def init(ds_config: Dict[str, Any], enabled: bool = True) -> Iterator[None]:
 # ---------------------------------------------------------------------------- measurement
 def partition_bytes(engine) -> Dict[str, Dict[str, int]]:
     """This rank's bytes, read from the engine's own ZeRO-3 partitions: 16/32-bit parameter
-    partitions (`param.ds_tensor`), fp32 master partitions and optimizer state of each
-    sub-group, split into experts and dense. {"expert"|"dense": {"param", "master", "optim"}}"""
+    partitions (`param.ds_tensor`; whole for persistent parameters), fp32 master partitions and
+    optimizer state of each sub-group, split into experts and dense.
+    {"expert"|"dense": {"param", "master", "optim"}}"""
     opt = engine.optimizer
     out = {k: {"param": 0, "master": 0, "optim": 0} for k in ("expert", "dense")}
 
@@ -247,7 +248,9 @@ def partition_bytes(engine) -> Dict[str, Dict[str, int]]:
 
     for p in engine.module.parameters():
         k = "expert" if getattr(p, "ds_zero_placement_family", None) == EXPERT_FAMILY else "dense"
-        out[k]["param"] += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        # persistent parameters (numel <= stage3_param_persistence_threshold) stay whole
+        n = p.ds_numel if p.ds_persist else p.ds_tensor.numel()
+        out[k]["param"] += n * p.ds_tensor.element_size()
     for i, group in enumerate(opt.fp16_groups):
         k = kind(group)
         flat = opt.fp32_partitioned_groups_flat[i]
