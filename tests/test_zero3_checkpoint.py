@@ -1,6 +1,6 @@
 """ZeRO-3 checkpoints of EP models (integrations/zero3_checkpoint.py), real engines on gloo/CPU.
 
-One 2-process run saves a training checkpoint at EP=2 (tagmoe_dist.training.checkpoint.save), the
+One 2-process run saves a training checkpoint at EP=2 (tagmoe_dist.checkpoint.engine.save), the
 gathered global weights, and the losses of three more steps. Here, in the test process:
 `consolidate` and `python -m tagmoe_dist.checkpoint export` rebuild exactly those weights,
 `python -m tagmoe_dist.reshard` writes an EP=1 checkpoint, `to_universal` a DeepSpeed universal
@@ -44,7 +44,7 @@ def _gathered(model):
 
 
 def _save_worker(rank, world, out_dir):
-    from tagmoe_dist.training import checkpoint as ckpt
+    from tagmoe_dist.checkpoint import engine as ckpt
     deepspeed.init_distributed(dist_backend="gloo")
     engine, model, schema = build_engine(gpt_config("task_aware"), 3, 2)
     train_steps(engine, schema, rank, 0, SAVE)
@@ -58,7 +58,7 @@ def _save_worker(rank, world, out_dir):
 
 def _load_worker(rank, world, out_dir):
     from tagmoe_dist.integrations.zero3_checkpoint import load_universal
-    from tagmoe_dist.training import checkpoint as ckpt
+    from tagmoe_dist.checkpoint import engine as ckpt
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = gpt_config("task_aware")
     engine, model, schema = build_engine(cfg, 3, 1, seed=7, checkpoint={"load_universal": True})

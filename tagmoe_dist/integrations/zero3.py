@@ -178,7 +178,7 @@ def prepare_model(model: nn.Module) -> nn.Module:
             mark_experts(layer)
     set_z3_leaf_modules(model, [MoELayer])
     from tagmoe_dist.integrations.zero3_checkpoint import client_state
-    model.tagmoe_client_state = client_state(model)      # saved by training/checkpoint.save
+    model.tagmoe_client_state = client_state(model)      # saved by checkpoint/engine.save
     inside = {id(m) for layer in layers for m in layer.modules()}
     for m in model.modules():
         if isinstance(m, TaskAlignment) and id(m) not in inside:
