@@ -57,7 +57,8 @@ def zero_stage(ds_config: Dict[str, Any]) -> int:
 def check_config(ds_config: Dict[str, Any], ep_size: int = 1, etp_size: int = 1,
                  sequence_parallel: bool = False) -> None:
     """Refuse, before any process group or engine exists, what DeepSpeed refuses (or gets wrong)
-    with ZeRO-3 and expert parallelism. Each error names the option and the fix."""
+    with ZeRO-3 and expert parallelism. Each error names the option and the fix. Every ep_size
+    is supported (it is accepted for symmetry with the stage 0-2 checks)."""
     if zero_stage(ds_config) != 3:
         return
     zero = ds_config.get("zero_optimization") or {}
@@ -97,7 +98,6 @@ def check_config(ds_config: Dict[str, Any], ep_size: int = 1, etp_size: int = 1,
     if bad:
         raise ValueError("zero_optimization.stage=3 with tagmoe_dist MoE layers: unsupported "
                          "option(s):\n  - " + "\n  - ".join(bad))
-    del ep_size  # every EP size is supported; kept in the signature for symmetry with stage 0-2
 
 
 # ---------------------------------------------------------------------------- placement
