@@ -246,9 +246,10 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     # --
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
-    model = GPT(cfg, groups=groups, task_schema=schema).to(device)
+    with tds.build_context(ds_config):      # ZeRO-3: partitioned as it is built (zero3.py)
+        model = GPT(cfg, groups=groups, task_schema=schema).to(device)
     if not cfg.is_dense:
-        tds.prepare_model(model)
+        tds.prepare_model(model, ds_config)
     # overlap_chunks="auto": rates measured once here, never inside forward (collective)
     plan_overlap(model)
     model.set_aux_loss_scale(1.0 / train["grad_accum"])

@@ -98,8 +98,9 @@ def save(engine, ckpt_dir: Path, step: int, config: Optional[dict] = None,
         mf.remove(tag_dir)
     _barrier()
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step},
-                               save_latest=False)
+        # ZeRO-3 models add their layout (integrations/zero3_checkpoint.client_state)
+        client = {"step": step, **getattr(engine.module, "tagmoe_client_state", {})}
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     except (OSError, RuntimeError) as e:
         raise atomic.write_failed(tag_dir, e) from e
     _barrier()
@@ -252,6 +253,12 @@ def load(engine, ckpt_dir: Path, ep_size: Optional[int] = None,
         tag_dir, manifest = resume
     root, tag = tag_dir.parent, tag_dir.name
     with loading.restricted(engine):
+        if manifest.get("weights_only") and engine.zero_optimization_partition_weights():
+            # ZeRO-3 engines cannot load ZeRO 0-2 module files: whole weights, then partitioned
+            from tagmoe_dist.checkpoint import consolidate
+            from tagmoe_dist.integrations.zero3_checkpoint import load_weights
+            load_weights(engine, consolidate(root, tag))
+            return int(manifest.get("step", 0))
         if manifest.get("weights_only"):
             # Upcycled or optimizer-reset checkpoints (tagmoe_dist.upcycle / checkpoint.reshard)
             # have no optimizer files: load the module only; DeepSpeed then refreshes ZeRO's fp32

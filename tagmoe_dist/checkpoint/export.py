@@ -71,7 +71,8 @@ def _stacked_name(m: "re.Match") -> str:
 
 
 def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The global fp32 state dict of a DeepSpeed (ZeRO 0-2) checkpoint, experts stacked.
+    """The global fp32 state dict of a DeepSpeed checkpoint, experts stacked (ZeRO 0-2 here;
+    ZeRO-3: integrations/zero3_checkpoint.consolidate).
 
     Reads `<ckpt_dir>/<tag or latest>/`; `ckpt_dir` may also be the run directory or one step_N
     directory. Raises ValueError naming the first missing, truncated or changed file (checked
@@ -85,8 +86,8 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
     main = tag_dir / MAIN_FILE
     if not main.is_file():
         if (tag_dir / ZERO3_MAIN_FILE).is_file():
-            raise ValueError(f"{tag_dir} is a ZeRO-3 checkpoint; consolidate() reads ZeRO 0-2 "
-                             "checkpoints (tagmoe_dist refuses ZeRO-3 with MoE layers)")
+            from tagmoe_dist.integrations import zero3_checkpoint
+            return zero3_checkpoint.consolidate(tag_dir)
         raise FileNotFoundError(f"{main} not found: is {tag_dir} a DeepSpeed checkpoint?")
     if (tag_dir / TP_MAIN_FILE).is_file():
         raise ValueError(f"{tag_dir}: checkpoints with model (tensor) parallel size > 1 are not "

@@ -102,6 +102,9 @@ def saved_layout(tag_dir: PathLike) -> Dict[str, Optional[int]]:
     for a dense model or when the checkpoint has no ZeRO optimizer files). Cheap: reads the main
     file and rank 0's optimizer file, memory-mapped. Meant for a resume-time check."""
     tag_dir = Path(tag_dir)
+    from tagmoe_dist.integrations import zero3_checkpoint
+    if zero3_checkpoint.is_zero3(tag_dir) and not (tag_dir / MAIN_FILE).is_file():
+        return zero3_checkpoint.saved_layout(tag_dir)
     main = _load(tag_dir / MAIN_FILE)
     _, files = _zero_files(tag_dir)
     ep = None
@@ -131,6 +134,23 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
     check_output_dir(root, dst)
     if (tag_dir / TP_MAIN_FILE).exists():
         raise ValueError(f"{tag_dir}: tensor-parallel checkpoints are not supported")
+    from tagmoe_dist.integrations import zero3_checkpoint
+    if zero3_checkpoint.is_zero3(tag_dir) and not (tag_dir / MAIN_FILE).is_file():
+        # ZeRO-3: the weights, re-laid out as ZeRO 0-2 files (a weights-only source)
+        import tempfile
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{dst.name}.z3-", dir=dst.parent) as z2:
+            z2_tag = Path(z2) / tag_dir.name
+            layout = zero3_checkpoint.write_zero2_weights(tag_dir, z2_tag)
+            given = _read_manifest(tag_dir)
+            mf.write(z2_tag, step=given.get("step"), weights_only=True, ep_size=layout["ep_size"])
+            for name in (MODEL_CONFIG,) + _SIDE_FILES:
+                if (root / name).is_file():
+                    shutil.copy2(root / name, Path(z2) / name)
+            (Path(z2) / LATEST).write_text(tag_dir.name)
+            log("note: the source is a ZeRO-3 checkpoint: its weights are resharded, its "
+                "optimizer state is not")
+            return reshard(z2, dst, ep_size, world_size, None, reset_optimizer, force, log)
     if not (tag_dir / MAIN_FILE).is_file():
         raise ValueError(f"{tag_dir} has no {MAIN_FILE}: a ZeRO-3 or pipeline checkpoint? "
                          "Resharding reads ZeRO 0-2 checkpoints of tagmoe_dist.train")
