@@ -183,8 +183,16 @@ def main(argv=None) -> int:
                         description=consolidate.__doc__)
     ex.add_argument("--ckpt", required=True, help="checkpoint root (the directory holding 'latest')")
     ex.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_100 (default: 'latest')")
-    ex.add_argument("--out", required=True, help="output file: .safetensors or .pt")
+    ex.add_argument("--out", required=True, help="output file: .safetensors or .pt; with "
+                                                 "--format hf, a directory")
+    ex.add_argument("--format", choices=("tagmoe", "hf"), default="tagmoe",
+                    help="tagmoe: our key names (default); hf: a Hugging Face model directory "
+                         "of the source family (runs of hf: models, docs/hf.md)")
+    ex.add_argument("--force", action="store_true", help="--format hf: replace an existing --out")
     args = ap.parse_args(argv)
+    if args.format == "hf":
+        from tagmoe_dist.integrations.hf.export import main as export_hf_main
+        return export_hf_main(args)
 
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):

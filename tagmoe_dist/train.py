@@ -147,9 +147,31 @@ class _Cycle(torch.utils.data.Dataset):
         return self.ds[i % len(self.ds)]
 
 
+def load_model_config(path: str):
+    """The model YAML: the reference GPT, or a Hugging Face model (`hf: <dir>`, docs/hf.md)."""
+    from tagmoe_dist.integrations.hf.training import HFModelConfig, is_hf_yaml
+    return HFModelConfig.from_yaml(path) if is_hf_yaml(path) else GPTConfig.from_yaml(path)
+
+
+def build_model(cfg, groups, schema):
+    if hasattr(cfg, "build_model"):     # a Hugging Face model (integrations/hf/training.py)
+        return cfg.build_model(groups, schema)
+    return GPT(cfg, groups=groups, task_schema=schema)
+
+
+def model_logits(engine, model, batch, device):
+    kwargs = {"task": batch["task_multi_hot"].to(device)}
+    if getattr(model, "takes_attention_mask", False):
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)
+    return engine(batch["input_ids"].to(device), **kwargs)
+
+
 def build_data(cfg, train: Dict[str, Any], schema):
     """The built-in workload (train.data=synthetic) or the user's JSONL (train.data=FILE.jsonl,
     optional train.eval_data=FILE.jsonl whose records are evaluated per task)."""
+    if hasattr(cfg, "build_data"):      # a Hugging Face model: its tokenizer, chat records
+        data, evals = cfg.build_data(train, schema)
+        return _Cycle(data), evals
     if train["data"] == "synthetic":
         data = SyntheticTextTasks(10 ** 9, seq_len=cfg.seq_len, seed=train["seed"], schema=schema)
         evals = eval_splits(train["eval_samples_per_task"], seq_len=cfg.seq_len, seed=train["seed"],
@@ -180,7 +202,7 @@ def evaluate(engine, model, sets, collate, device) -> Dict[str, float]:
     out = {}
     for name, ds in sets.items():
         batch = collate([ds[i] for i in range(len(ds))])
-        logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
+        logits = model_logits(engine, model, batch, device)
         out[name] = float(lm_loss(logits, batch["labels"].to(device)))
     model.train()
     return out
@@ -188,7 +210,7 @@ def evaluate(engine, model, sets, collate, device) -> Dict[str, float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = GPTConfig.from_yaml(args.config)
+    cfg = load_model_config(args.config)
     train = load_train_config(cfg, args.set)
 
     from tagmoe_dist.integrations import deepspeed as tds
@@ -224,7 +246,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         else torch.device("cpu")
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
-    model = GPT(cfg, groups=groups, task_schema=schema).to(device)
+    model = build_model(cfg, groups, schema).to(device)
     if not cfg.is_dense:
         tds.prepare_model(model)
     model.set_aux_loss_scale(1.0 / train["grad_accum"])
@@ -258,7 +280,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         t0 = time.perf_counter()
         for micro in range(train["grad_accum"]):
             batch = collate([data[i] for i in batch_indices(step, micro, train, dp_rank, dp_world)])
-            logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
+            logits = model_logits(engine, model, batch, device)
             loss_B = lm_loss(logits, batch["labels"].to(device), per_sample=True)
             loss = loss_B.mean()
             engine.backward(loss)

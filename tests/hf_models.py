@@ -60,8 +60,50 @@ def make_tokenizer(out: Path, vocab_size: int = 101) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
+                                   eos_token="</s>", additional_special_tokens=specials[3:])
     fast.chat_template = (
         "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' </s> ' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}")
     fast.save_pretrained(str(out))
+
+
+def make_user_dir(model_type: str, out: Path, seed: int = 0) -> Path:
+    """A model directory as a user holds it: weights, config, tokenizer with a chat template."""
+    save(model_type, out, seed)
+    make_tokenizer(out)
+    return Path(out)
+
+
+def write_chat_data(path: Path, n: int = 40, seed: int = 0) -> Path:
+    """Chat records over the text_tasks schema: two tasks with different answers."""
+    import json
+    import random
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        payload = " ".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 5)))
+        if i % 2:
+            msgs = [{"role": "user", "content": f"copy {payload}"},
+                    {"role": "assistant", "content": payload}]
+            task = {"scope": "sequence_transform", "type": ["order_preserving"]}
+        else:
+            msgs = [{"role": "system", "content": "w1"},
+                    {"role": "user", "content": f"reverse {payload}"},
+                    {"role": "assistant", "content": " ".join(reversed(payload.split()))}]
+            task = {"scope": "sequence_transform", "type": ["order_changing", "positional"]}
+        lines.append(json.dumps({"messages": msgs, "task": task}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_yaml(path: Path, src: Path, data: Path, upcycle=None, router="task_aware",
+               **train) -> Path:
+    import yaml
+    d = {"hf": str(src), "moe": {"router": router, "overlap_chunks": 1, "align_dim": 16,
+                                 "align_hidden": 16, "aux_loss_coeff": 0.01},
+         "task_schema": "configs/tasks/text_tasks.yaml", "seq_len": 24,
+         "train": {"data": str(data), "ep_size": 2, "lr": 3e-3, "seed": 0, **train}}
+    if upcycle:
+        d["upcycle"] = upcycle
+    path.write_text(yaml.safe_dump(d))
+    return path
