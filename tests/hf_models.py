@@ -21,12 +21,12 @@ CONFIGS = {
                       num_experts_per_tok=2, norm_topk_prob=True, head_dim=12),
     "llama": dict(intermediate_size=40),
     "mistral": dict(intermediate_size=36, sliding_window=None),
-    "qwen2": dict(intermediate_size=42),
+    "qwen2": dict(intermediate_size=40),
 }
 UPCYCLE = {
     "llama": dict(num_experts=4, top_k=2, granularity=2),
     "mistral": dict(num_experts=4, top_k=2),
-    "qwen2": dict(num_experts=6, top_k=3, granularity=3),
+    "qwen2": dict(num_experts=6, top_k=2, granularity=2),
 }
 FAMILIES = tuple(CONFIGS)
 
@@ -49,8 +49,9 @@ def save(model_type: str, out: Path, seed: int = 0) -> Path:
     return Path(out)
 
 
-def make_tokenizer(out: Path, vocab_size: int = 101) -> None:
-    """A small word-level tokenizer with a chat template, saved beside a model."""
+def make_tokenizer(out: Path, vocab_size: int = 90) -> None:
+    """A small word-level tokenizer with a chat template, saved beside a model (fewer ids than
+    the model's 101 rows: some tokenizer classes add a token of their own)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
