@@ -107,6 +107,15 @@ def test_export_from_ep2_and_resharded_checkpoint(root):
     a = load_file(str(out / "model-00001-of-00001.safetensors"))
     b = load_file(str(out1 / "model-00001-of-00001.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and training resumes from it at EP=1 (reshard wrote the run's config for the new size)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tagmoe_dist.train", "--config", str(resharded / "model_config.yaml"),
+         "--deepspeed_config", "configs/deepspeed/zero2.json", "--resume",
+         "--set", "steps=4", *FAST], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (resharded / "latest").read_text().strip() == "step_4"
     # never over an existing directory without --force
     before = sorted(p.name for p in out.iterdir())
     r = _export(ckpt, out)

@@ -142,6 +142,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds (the variants' order rotates each round); the table shows the "
+                         "median tokens/s and every round's value")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
@@ -153,10 +156,12 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    rows = []
+    runs = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp) / "mixtral", args.hidden, args.layers, args.experts)
-        for variant in args.variants:
+        order = list(args.variants)
+        for _, variant in ((r, v) for r in range(args.repeat)
+                           for v in order[r % len(order):] + order[:r % len(order)]):
             result = Path(tmp) / f"{variant}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc_per_node=2", str(Path(__file__).resolve()), "--worker",
@@ -168,15 +173,27 @@ def main(argv=None) -> int:
             if r.returncode != 0:
                 print(f"{variant} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
                 return 1
-            rows.append(json.loads(result.read_text()))
+            runs[variant].append(json.loads(result.read_text()))
+    rows = []
+    for variant, rs in runs.items():
+        tps = sorted(r["tokens_per_s"] for r in rs)
+        rows.append({**rs[0], "tokens_per_s": tps[len(tps) // 2],
+                     "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
+                     "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)})
     print(f"Mixtral D={args.hidden} F={2 * args.hidden} E={args.experts} top-2 "
           f"L={args.layers}; 2 processes, EP=2, ZeRO-2, fp32, {args.steps} steps of "
-          f"{args.batch}x{args.seq} tokens per rank (first step not timed)\n")
-    print(f"| {'variant':<18} | {'tokens/s':>9} | {'peak RSS MiB':>12} | {'step-0 loss':>12} |")
-    print(f"|{'-' * 20}|{'-' * 11}|{'-' * 14}|{'-' * 14}|")
+          f"{args.batch}x{args.seq} tokens per rank (first step not timed); median of "
+          f"{args.repeat} round(s)\n")
+    ref = rows[0]["step0_loss"]
+    print(f"| {'variant':<18} | {'tokens/s':>9} | {'peak RSS MiB':>12} | {'step-0 loss':>11} | "
+          f"{'rel. diff':>9} |")
+    print(f"|{'-' * 20}|{'-' * 11}|{'-' * 14}|{'-' * 13}|{'-' * 11}|")
     for r in rows:
+        r["step0_rel_diff"] = abs(r["step0_loss"] - ref) / abs(ref)
         print(f"| {r['variant']:<18} | {r['tokens_per_s']:>9.0f} | {r['peak_rss_mib']:>12.0f} | "
-              f"{r['step0_loss']:>12.6f} |")
+              f"{r['step0_loss']:>11.7f} | {r['step0_rel_diff']:>9.1e} |"
+              + (f"  rounds: {', '.join(f'{t:.0f}' for t in r['tokens_per_s_runs'])}"
+                 if args.repeat > 1 else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

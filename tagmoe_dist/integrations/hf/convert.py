@@ -109,7 +109,8 @@ def from_pretrained(src, moe: Optional[Mapping[str, Any]] = None,
 
     moe: MoEConfig overrides (router 'topk' | 'task_aware' | 'task_level', aux_loss_coeff,
     z_loss_coeff, align_*, capacity_factor, expert_bias, ...). The routing rule and sizes come
-    from the source (families.py). groups: ParallelGroups (EP); default one process.
+    from the source (families.py). groups: ParallelGroups (EP); default one process. A built
+    model is converted in place (and returned); a directory is loaded in `dtype`.
     Before training, the converted model's logits equal the source's (no capacity, no
     task conditioning; upcycled: the exact recipes).
     """
