@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests import hf_models as H
+from tests.tolerance import REL_FP32, rel_diff
 
 pytest.importorskip("transformers")
 
@@ -87,11 +88,10 @@ def src(tmp_path_factory):
     return str(H.save("mixtral", tmp_path_factory.mktemp("tasks") / "mixtral"))
 
 
-def _close(a, b, tol=1e-5):
-    assert a.keys() == b.keys()
-    for n in a:
-        scale = a[n].abs().max().clamp(min=1e-12)
-        assert float((a[n] - b[n]).abs().max() / scale) <= tol, n
+def _close(want, got, tol=REL_FP32):
+    assert want.keys() == got.keys()
+    for n in want:
+        assert rel_diff(got[n], want[n]) <= tol, n
 
 
 def test_alignment_gradient_matches_hand_written_loss(src):

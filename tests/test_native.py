@@ -11,19 +11,20 @@ import textwrap
 import pytest
 import torch
 
-from tagmoe_dist.dispatch import native
-from tagmoe_dist.dispatch.local import LocalMoE, NativeLocalMoE
-from tagmoe_dist.experts import gelu, swiglu
+from tagmoe_dist.kernels import native
+from tagmoe_dist.kernels import select_kernel
+from tagmoe_dist.kernels.base import ExpertWeights, expert_rows
 from tests.reference import _mlp
+from tests.tolerance import REL_FP32, assert_rel_close
 
-ACTS = {"gelu": (gelu, 0), "swiglu": (swiglu, 1)}
+KERNELS = ["native", "torch", "grouped_mm"]
 
 
 def test_native_kernel_is_used_here():
     # This machine has a C compiler and torch's MKL: the fast path must be the one that runs.
-    if os.environ.get("TAGMOE_NATIVE") == "0":
-        pytest.skip("TAGMOE_NATIVE=0 set by the caller")
     assert native.library() is not None, native.status()
+    w = ExpertWeights(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8), activation="gelu")
+    assert select_kernel("auto", w, torch.zeros(3, 8)).name == "native"
 
 
 def _case(act, T=60, K=3, E=7, D=16, F=8, seed=0, empty=(2,), rows=None):
@@ -60,14 +61,15 @@ def _reference(act, x, w1, w2, w, tok, counts, gy):
 
 
 def _run(kernel, act, x, w1, w2, w, tok, counts, gy, max_rows):
-    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, w)]
-    fn, act_arg = (NativeLocalMoE, ACTS[act][1]) if kernel == "native" else (LocalMoE, ACTS[act][0])
-    y = fn.apply(*leaves, tok, counts, act_arg, max_rows)
+    xl, w1l, w2l, wl = leaves = [t.clone().requires_grad_() for t in (x, w1, w2, w)]
+    weights = ExpertWeights(w1l, w2l, activation=act)
+    k = select_kernel(kernel, weights, xl)          # a named kernel that cannot run raises
+    y = expert_rows(k, xl, weights, wl, tok, torch.tensor(counts), counts, max_rows)
     y.backward(gy)
     return [y.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("kernel", ["native", "torch"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
 @pytest.mark.parametrize("max_rows", [1000, 23, 4])     # one chunk; whole experts; experts split
 def test_kernel_matches_reference(kernel, act, max_rows):
@@ -77,12 +79,12 @@ def test_kernel_matches_reference(kernel, act, max_rows):
     got = _run(kernel, act, *case, max_rows)
     want = _reference(act, *case)
     for name, a, b in zip(["y", "x.grad", "w1.grad", "w2.grad", "w.grad"], got, want):
-        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5, msg=name)
+        assert_rel_close(a, b, REL_FP32, name)
     # the empty expert's weight gradients are zero, not left uninitialised
     assert got[2][2].abs().max() == 0 and got[3][2].abs().max() == 0
 
 
-@pytest.mark.parametrize("kernel", ["native", "torch"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_with_no_rows(kernel):
     case = _case("gelu", rows=0)
     y, gx, gw1, gw2, gw = _run(kernel, "gelu", *case, 16)
@@ -135,17 +137,17 @@ def test_row_movement_matches_torch():
         got, want = torch.zeros(50, 24), torch.zeros(50, 24)
         native.scatter_add_rows(got, idx, rows, weights)
         want.index_add_(0, idx, rows if weights is None else rows * weights[:, None])
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+        assert_rel_close(got, want, REL_FP32)
     scaled, dots = native.gather_scale_dot(src, idx, w, other)
-    torch.testing.assert_close(scaled, src[idx] * w[:, None], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(dots, (src[idx] * other).sum(1), atol=1e-5, rtol=1e-5)
+    assert_rel_close(scaled, src[idx] * w[:, None], REL_FP32)
+    assert_rel_close(dots, (src[idx] * other).sum(1), REL_FP32)
     # no rows at all
     assert native.gather_rows(src, idx[:0]).shape == (0, 24)
 
 
 _BUILD = textwrap.dedent("""
     import sys, warnings
-    from tagmoe_dist.dispatch import native
+    from tagmoe_dist.kernels import native
     if sys.argv[1] == "build":
         print(native.build())
     else:
@@ -170,7 +172,6 @@ def _python(args, env, timeout=120):
 
 def test_concurrent_builds_share_one_library(tmp_path):
     env = dict(os.environ, TAGMOE_NATIVE_DIR=str(tmp_path))
-    env.pop("TAGMOE_NATIVE", None)
     procs = [subprocess.Popen([sys.executable, "-c", _BUILD, "build"], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
@@ -183,7 +184,6 @@ def test_concurrent_builds_share_one_library(tmp_path):
 
 def test_failed_build_falls_back_and_says_why(tmp_path):
     env = dict(os.environ, TAGMOE_NATIVE_DIR=str(tmp_path), CC="false")
-    env.pop("TAGMOE_NATIVE", None)
     res = _python(["layer"], env)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,12 +23,6 @@ import time
 
 SHAPES = [("coarse", 8, 2, 512), ("fine", 32, 8, 128), ("fine", 64, 8, 64)]
 TOKENS, HIDDEN = 4096, 256
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- one measurement (child side)
@@ -41,7 +34,8 @@ def _build(impl, E, K, F, ep):
     if impl == "tagmoe":
         import tagmoe_dist as tm
         cfg = tm.MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=F, num_experts=E, top_k=K,
-                           activation="gelu", norm_topk_prob=K > 1)
+                           activation="gelu", norm_topk_prob=K > 1,
+                           expert_kernel=os.environ.get("BENCH_EXPERT_KERNEL", "auto"))
         return tm.MoELayer(cfg, groups=tm.ParallelGroups.build(ep_size=ep)), None
     from deepspeed.moe.layer import MoE
     expert = nn.Sequential(nn.Linear(HIDDEN, F), nn.GELU(approximate="tanh"), nn.Linear(F, HIDDEN))
@@ -84,8 +78,9 @@ def child(impl, E, K, F, ep, runs, warmup):
 
 # ---------------------------------------------------------------- orchestration
 def measure(impl, E, K, F, ep, runs, warmup):
+    from tagmoe_dist.ports import free_port
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE=str(max(ep, 1)))
+               MASTER_PORT=str(free_port("127.0.0.1")), WORLD_SIZE=str(max(ep, 1)))
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".torch_extensions"))
     if impl == "deepspeed":
         # a build killed midway leaves a lock on which DeepSpeed's init waits forever: say so
@@ -112,13 +107,16 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--impl", nargs="+", default=["tagmoe", "deepspeed", "dense"])
+    ap.add_argument("--kernel", default="auto", choices=["auto", "native", "grouped_mm", "torch"],
+                    help="MoEConfig.expert_kernel of the tagmoe layer")
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    os.environ["BENCH_EXPERT_KERNEL"] = a.kernel      # read by the child processes
     if a.child:
         impl, *nums = a.child
         return child(impl, *map(int, nums))
     print(f"one MoE layer, forward+backward, {TOKENS} tokens/rank, hidden {HIDDEN}, GELU experts, "
-          f"dropless, 1 thread/process, median of {a.runs}")
+          f"dropless, 1 thread/process, median of {a.runs}, tagmoe expert_kernel={a.kernel}")
     hdr = ("| shape | E | k | F | EP | " + " | ".join(f"{i} ms | {i} peak MB" for i in a.impl) +
            " | tagmoe/deepspeed | tagmoe/floor | deepspeed/floor |")
     print(hdr)

@@ -129,8 +129,6 @@ class AlignmentHook:
         if mb is None or mb.sum_BE is None or mb.collected:
             return output
         training = self.head.training
-        # bf16 training: the head's weights are bf16 while routing (and the pool) stays fp32
-        mb.sum_BE = mb.sum_BE.to(next(self.head.parameters()).dtype)
         loss = self.context.collect(mb, self.head, self.head.cfg.align_loss_coeff, training)
         self.last_align = {"loss": mb.align_loss, "acc": mb.align_acc}
         if training and torch.is_grad_enabled():

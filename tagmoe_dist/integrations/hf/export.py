@@ -123,11 +123,13 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
     from safetensors.torch import save_file
 
     from tagmoe_dist.checkpoint import MAIN_FILE, resolve_tag
-    from tagmoe_dist.upcycle.convert import replace_dir
+    from tagmoe_dist.checkpoint.atomic import replace_dir
+    from tagmoe_dist.paths import check_output_dir
     from tagmoe_dist.upcycle.hf import DTYPE_CODES, ShardedWriter, TensorSpec, copy_side_files, \
         sha256_file
 
     ckpt, out = Path(ckpt_dir), Path(out)
+    check_output_dir(ckpt, out, "--ckpt", "--out")
     if out.exists() and not force:
         raise ValueError(f"--out {out} already exists; pass --force to replace it or choose "
                          "another directory")
