@@ -10,3 +10,11 @@ from tagmoe_dist.tasks import UNKNOWN, TaskLevel, TaskSchema
 
 __all__ = ["AuxLossAutoScaler", "MoEConfig", "MoELayer", "ParallelGroups", "TaskAlignment",
            "TaskLevel", "TaskSchema", "UNKNOWN", "extract_task_submodel", "plan_overlap"]
+
+
+def __getattr__(name):
+    # tm.hf imports transformers: only when first used
+    if name == "hf":
+        import importlib
+        return importlib.import_module("tagmoe_dist.hf")
+    raise AttributeError(f"module 'tagmoe_dist' has no attribute {name!r}")

@@ -164,9 +164,31 @@ class _Cycle(torch.utils.data.Dataset):
         return self.ds[i % len(self.ds)]
 
 
+def load_model_config(path: str):
+    """The model YAML: the reference GPT, or a Hugging Face model (`hf: <dir>`, docs/hf.md)."""
+    from tagmoe_dist.integrations.hf.training import HFModelConfig, is_hf_yaml
+    return HFModelConfig.from_yaml(path) if is_hf_yaml(path) else GPTConfig.from_yaml(path)
+
+
+def build_model(cfg, groups, schema):
+    if hasattr(cfg, "build_model"):     # a Hugging Face model (integrations/hf/training.py)
+        return cfg.build_model(groups, schema)
+    return GPT(cfg, groups=groups, task_schema=schema)
+
+
+def model_logits(engine, model, batch, device):
+    kwargs = {"task": batch["task_multi_hot"].to(device)}
+    if getattr(model, "takes_attention_mask", False):
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)
+    return engine(batch["input_ids"].to(device), **kwargs)
+
+
 def build_data(cfg, train: Dict[str, Any], schema):
     """The built-in workload (train.data=synthetic) or the user's JSONL (train.data=FILE.jsonl,
     optional train.eval_data=FILE.jsonl whose records are evaluated per task)."""
+    if hasattr(cfg, "build_data"):      # a Hugging Face model: its tokenizer, chat records
+        data, evals = cfg.build_data(train, schema)
+        return _Cycle(data), evals
     if train["data"] == "synthetic":
         data = SyntheticTextTasks(10 ** 9, seq_len=cfg.seq_len, seed=train["seed"], schema=schema)
         check_vocab(data.tokenizer, cfg.vocab_size)
@@ -193,7 +215,7 @@ def build_data(cfg, train: Dict[str, Any], schema):
 def main(argv=None) -> int:
     args = parse_args(argv)
     silence_known_deprecations()
-    cfg = GPTConfig.from_yaml(args.config)
+    cfg = load_model_config(args.config)
     train = load_train_config(cfg, args.set)
 
     from tagmoe_dist.integrations import deepspeed as tds
@@ -247,7 +269,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
     with tds.build_context(ds_config):      # ZeRO-3: partitioned as it is built (zero3.py)
-        model = GPT(cfg, groups=groups, task_schema=schema).to(device)
+        model = build_model(cfg, groups, schema).to(device)
     if not cfg.is_dense:
         tds.prepare_model(model, ds_config)
     # overlap_chunks="auto": rates measured once here, never inside forward (collective)
@@ -286,7 +308,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         t0 = time.perf_counter()
         for micro in range(train["grad_accum"]):
             batch = collate([data[i] for i in batch_indices(step, micro, train, dp_rank, dp_world)])
-            logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
+            logits = model_logits(engine, model, batch, device)
             loss_B = lm_loss(logits, batch["labels"].to(device), per_sample=True)
             loss = loss_B.mean()
             engine.backward(loss)
@@ -307,8 +329,9 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         done = step + 1
         watchdog.progress(f"step {done + 1}")
         if train["eval_interval"] and (done % train["eval_interval"] == 0 or done == train["steps"]):
-            logger.log_eval(done, *evaluation.evaluate(engine, model, evals, collate, device,
-                                                       watchdog.progress))
+            logger.log_eval(done, *evaluation.evaluate(
+                engine, model, evals, collate, device, watchdog.progress,
+                logits_fn=lambda batch: model_logits(engine, model, batch, device)))
         if stop.agreed():
             save(done)
             logger.message(f"stopped by signal at step {done}; checkpoint written")
@@ -319,7 +342,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     if train["steps"] > start:
         if saved[-1:] != [train["steps"]]:
             save(train["steps"])
-        if evals:                             # every rank: expert-parallel forwards
+        if evals and not hasattr(cfg, "build_data"):   # the built-in GPT; every rank: EP forwards
             logger.show_answers(evaluation.format_answers(
                 evaluation.greedy_answers(engine, model, evals, collate, device)))
     logger.close()
