@@ -7,7 +7,7 @@ own setting (docs/diffusion.md).
     with tm.diffusers.tasks(transformer, task_ids):
         out = transformer(hidden_states=..., encoder_hidden_states=..., timestep=..., ...)
 
-`load_megablocks` / `save_megablocks`: the authors' checkpoint layout (MegaBlocks dMoE inside
+`load_authors_state_dict` / `authors_state_dict`: the authors' checkpoint layout (MegaBlocks dMoE inside
 `transformer_blocks.{i}.img_mlp`). Importing this package imports diffusers.
 """
 
@@ -16,7 +16,11 @@ from tagmoe_dist.integrations.diffusers.convert import (PAPER_MOE, DiffusersMoE,
                                                         last_align, moe_blocks, moe_layers,
                                                         set_aux_loss_scale, tasks)
 from tagmoe_dist.integrations.diffusers.families import SUPPORTED, parse_moe_blocks
+from tagmoe_dist.integrations.diffusers.megablocks import (authors_state_dict, dmoe_to_layer,
+                                                           layer_to_dmoe, load_authors_state_dict,
+                                                           read_safetensors)
 
 __all__ = ["PAPER_MOE", "SUPPORTED", "DiffusersMoE", "TaskTransformer", "UpcycleOptions",
-           "combine_scale", "convert", "info", "last_align", "moe_blocks", "moe_layers",
-           "parse_moe_blocks", "set_aux_loss_scale", "tasks"]
+           "authors_state_dict", "combine_scale", "convert", "dmoe_to_layer", "info", "last_align",
+           "layer_to_dmoe", "load_authors_state_dict", "moe_blocks", "moe_layers",
+           "parse_moe_blocks", "read_safetensors", "set_aux_loss_scale", "tasks"]
