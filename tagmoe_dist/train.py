@@ -148,9 +148,40 @@ class _Cycle(torch.utils.data.Dataset):
         return self.ds[i % len(self.ds)]
 
 
+# --- model-builder hook -------------------------------------------------------------------
+# A model YAML may name a model that builds itself: a diffusers MMDiT (`diffusers:` section,
+# tagmoe_dist/integrations/diffusers/training.py). Such a config provides build_model,
+# build_data, collator and batch_loss; the reference GPT is built below otherwise.
+def load_model_config(path: str):
+    from tagmoe_dist.integrations.diffusers.training import DiffusersModelConfig, is_diffusers_yaml
+    return DiffusersModelConfig.from_yaml(path) if is_diffusers_yaml(path) else GPTConfig.from_yaml(path)
+
+
+def build_model(cfg, groups, schema):
+    if hasattr(cfg, "build_model"):
+        return cfg.build_model(groups, schema)
+    return GPT(cfg, groups=groups, task_schema=schema)
+
+
+def make_collator(cfg, schema):
+    return cfg.collator(schema) if hasattr(cfg, "collator") else TaskCollator(schema)
+
+
+def batch_loss(engine, cfg, batch, device) -> torch.Tensor:
+    """Per-sample loss [B] of one collated batch."""
+    if hasattr(cfg, "batch_loss"):
+        return cfg.batch_loss(engine, batch, device)
+    logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
+    return lm_loss(logits, batch["labels"].to(device), per_sample=True)
+# --- end of the model-builder hook ---------------------------------------------------------
+
+
 def build_data(cfg, train: Dict[str, Any], schema):
     """The built-in workload (train.data=synthetic) or the user's JSONL (train.data=FILE.jsonl,
     optional train.eval_data=FILE.jsonl whose records are evaluated per task)."""
+    if hasattr(cfg, "build_data"):      # model-builder hook: the model's own workload
+        data, evals = cfg.build_data(train, schema)
+        return _Cycle(data), evals
     if train["data"] == "synthetic":
         data = SyntheticTextTasks(10 ** 9, seq_len=cfg.seq_len, seed=train["seed"], schema=schema)
         evals = eval_splits(train["eval_samples_per_task"], seq_len=cfg.seq_len, seed=train["seed"],
@@ -176,20 +207,19 @@ def build_data(cfg, train: Dict[str, Any], schema):
 
 
 @torch.no_grad()
-def evaluate(engine, model, sets, collate, device) -> Dict[str, float]:
+def evaluate(engine, model, sets, collate, device, cfg=None) -> Dict[str, float]:
     model.eval()
     out = {}
     for name, ds in sets.items():
         batch = collate([ds[i] for i in range(len(ds))])
-        logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
-        out[name] = float(lm_loss(logits, batch["labels"].to(device)))
+        out[name] = float(batch_loss(engine, cfg, batch, device).mean())
     model.train()
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = GPTConfig.from_yaml(args.config)
+    cfg = load_model_config(args.config)
     train = load_train_config(cfg, args.set)
 
     from tagmoe_dist.integrations import deepspeed as tds
@@ -225,7 +255,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         else torch.device("cpu")
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
-    model = GPT(cfg, groups=groups, task_schema=schema).to(device)
+    model = build_model(cfg, groups, schema).to(device)
     if not cfg.is_dense:
         tds.prepare_model(model)
     # overlap_chunks="auto": rates measured once here, never inside forward (collective)
@@ -250,7 +280,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         ckpt.write_run_config(ckpt_dir, args.config, cfg, schema, train, ds_config)
 
     dp_rank, dp_world = rank, world
-    collate = TaskCollator(data.schema)
+    collate = make_collator(cfg, data.schema)
     logger = MetricLogger(log_dir, model, data.task_names, rank == 0, start, train["steps"])
     stop = StopFlag()
 
@@ -261,8 +291,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         t0 = time.perf_counter()
         for micro in range(train["grad_accum"]):
             batch = collate([data[i] for i in batch_indices(step, micro, train, dp_rank, dp_world)])
-            logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
-            loss_B = lm_loss(logits, batch["labels"].to(device), per_sample=True)
+            loss_B = batch_loss(engine, cfg, batch, device)
             loss = loss_B.mean()
             engine.backward(loss)
             engine.step()
@@ -274,7 +303,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
                          log=(step + 1) % train["log_interval"] == 0)
         done = step + 1
         if train["eval_interval"] and (done % train["eval_interval"] == 0 or done == train["steps"]):
-            logger.log_eval(done, evaluate(engine, model, evals, collate, device))
+            logger.log_eval(done, evaluate(engine, model, evals, collate, device, cfg))
         if stop.agreed():
             ckpt.save(engine, ckpt_dir, done)
             logger.message(f"stopped by signal at step {done}; checkpoint written")
