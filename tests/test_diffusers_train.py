@@ -135,3 +135,12 @@ def test_ten_steps_ep2_zero2_match_ep1(tmp_path):
     ck = tmp_path / "ep2" / "checkpoints" / "step_10"
     # 2 MoE blocks x 4 experts, DeepSpeed's expert checkpoint naming
     assert len(list(ck.glob("layer_*_expert_*_model_states.pt"))) == 2 * 4
+    # the routing report reads the EP=2 checkpoint (experts with biases consolidated)
+    sys.path.insert(0, str(ROOT))
+    from tagmoe_lab.benchmark.report import routing_report
+    summary = routing_report(tmp_path / "ep2" / "checkpoints", tmp_path / "report", eval_per_task=2)
+    assert summary["workload"] == "editing" and len(summary["layers"]) == 2
+    assert all(Path(p).is_file() for p in summary["pngs"])
+    assert set(summary["task_loss"]) == set(SYNTHETIC_EDITS)
+    for layer in summary["layers"]:                  # 5 tasks x 2 samples x 32 image tokens
+        assert sum(layer["expert_load"]) == 5 * 2 * 32
