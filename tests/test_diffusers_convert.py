@@ -85,6 +85,31 @@ def test_task_ids_train_the_router_and_give_the_alignment_loss():
     assert tmd.last_align(model) == {}
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Non-reentrant checkpointing recomputes blocks in backward, after the tasks block closed:
+    the routers and the alignment head get the same gradients as without it."""
+    schema = tm.TaskSchema.from_yaml(SCHEMA)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)                       # the alignment head's initialisation
+        model = tmd.convert(tiny.qwen().train(), "last:2", task_schema=schema,
+                            upcycle={"router_init": "normal", "router_std": 0.5})
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        with tmd.tasks(model, TASK):
+            y = model(**tiny.qwen_inputs())[0]
+        loss = tmd.last_align(model)["loss"]
+        y.square().mean().backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()
+                                    if p.grad is not None}))
+        assert all(not m._replay for m in tmd.moe_blocks(model).values())
+    (l0, g0), (l1, g1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-6) and set(g0) == set(g1)
+    assert any("router" in n for n in g0) and any("tagmoe_alignment" in n for n in g0)
+    for n in g0:
+        _close(g1[n], g0[n], rel=1e-5)
+
+
 @pytest.mark.parametrize("moe,upcycle,exact", [
     ({"norm_topk_prob": True}, {"router_init": "normal"}, True),    # renormalised: any router
     ({}, {"router_init": "normal"}, False),                          # paper's weights: approximate

@@ -20,10 +20,22 @@ argument): `with tm.diffusers.tasks(transformer, task): transformer(...)`, or th
 wrapper. The TAG alignment loss pools the per-sample routing signatures of all converted blocks of
 one forward pass (one shared TaskAlignment) and is attached once, by a forward hook on the
 transformer's `norm_out`, through AuxLossAutoScaler.
+
+Gradient checkpointing (diffusers' `enable_gradient_checkpointing`, non-reentrant) re-runs a
+block's forward inside backward, after the `tasks` block has closed:
+  1. a block's first pass (grad enabled, checkpointing on) queues the task ids it used; the
+     recomputation (a forward inside a backward pass) takes them from the queue, so it runs the
+     same operations and regenerates the same saved tensors;
+  2. the MoELayer hands its routing signature to the block (a slot), and only the first pass adds
+     it to the pool: the loss and its graph come from the first pass, whose saved tensors the
+     recomputation restores.
+Reentrant checkpointing runs the first pass without grad, so no routing gradient could reach the
+alignment loss: it is refused.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -150,6 +162,24 @@ class TaskState:
             self._stack.pop()
 
 
+class _SignatureSlot:
+    """Receives a layer's routing signature (MoELayer calls `add` when it has task ids)."""
+
+    def __init__(self):
+        self.value = None
+
+    def add(self, g_BE: torch.Tensor, task_BN: torch.Tensor) -> None:
+        self.value = (g_BE, task_BN)
+
+    def take(self):
+        value, self.value = self.value, None
+        return value
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
 class DiffusersMoE(nn.Module):
     """Takes the place of a block's image-stream FeedForward: `forward(hidden_states [B, S, D])`.
     `moe` holds this rank's experts. `dmoe_bias` [D] is MegaBlocks' output bias `experts.bias`,
@@ -159,21 +189,36 @@ class DiffusersMoE(nn.Module):
     def __init__(self, cfg: MoEConfig, groups: ParallelGroups, schema: Optional[TaskSchema],
                  alignment: Optional[TaskAlignment], state: TaskState, block_index: int):
         super().__init__()
-        self.moe = MoELayer(cfg, groups=groups, task_schema=schema, alignment=alignment)
+        self._slot = _SignatureSlot()
+        self.moe = MoELayer(cfg, groups=groups, task_schema=schema,
+                            alignment=self._slot if alignment is not None else None)
         self.block_index = block_index
         self.register_buffer("dmoe_bias", torch.zeros(cfg.hidden_size))
         object.__setattr__(self, "_state", state)        # shared, not a submodule
+        object.__setattr__(self, "_alignment", alignment)
+        self._replay: collections.deque = collections.deque()
+
+    def _task(self):
+        """(task ids of this forward, whether it is a checkpoint's recomputation)."""
+        if _in_backward() and self._replay:
+            return self._replay.popleft(), True
+        task = self._state.task if self.moe.cfg.uses_tasks else None
+        if self.training and getattr(self._state.transformer_ref(), "gradient_checkpointing", False):
+            if not torch.is_grad_enabled() and task is not None and self._alignment is not None:
+                raise ValueError("reentrant gradient checkpointing runs the first pass without "
+                                 "grad, so the TAG alignment loss could not reach the routers; use "
+                                 "diffusers' default (non-reentrant) enable_gradient_checkpointing()")
+            if torch.is_grad_enabled():
+                self._replay.append(task)
+        return task, False
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        task = self._state.task if self.moe.cfg.uses_tasks else None
-        if (task is not None and self.moe.cfg.router == "task_aware" and self.training
-                and torch.is_grad_enabled()
-                and getattr(self._state.transformer_ref(), "gradient_checkpointing", False)):
-            raise ValueError("the TAG alignment loss does not support the transformer's gradient "
-                             "checkpointing yet (a recomputed block would add its routing "
-                             "signature twice); call transformer.disable_gradient_checkpointing() "
-                             "or train without task ids")
-        return self.moe(hidden_states, task=task)
+        task, replay = self._task()
+        y = self.moe(hidden_states, task=task)
+        got = self._slot.take()
+        if got is not None and not replay:
+            self._alignment.add(*got)
+        return y
 
 
 class _AlignmentHook:
