@@ -11,7 +11,8 @@ own setting (docs/diffusion.md).
 `transformer_blocks.{i}.img_mlp`). Importing this package imports diffusers.
 """
 
-from tagmoe_dist.integrations.diffusers.convert import (PAPER_MOE, DiffusersMoE, TaskTransformer,
+from tagmoe_dist.integrations.diffusers.block import DiffusersMoE
+from tagmoe_dist.integrations.diffusers.convert import (PAPER_MOE, TaskTransformer,
                                                         UpcycleOptions, combine_scale, convert, info,
                                                         last_align, moe_blocks, moe_layers,
                                                         set_aux_loss_scale, tasks)

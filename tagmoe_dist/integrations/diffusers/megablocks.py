@@ -32,7 +32,8 @@ from typing import Dict, Iterable, Union
 import torch
 import torch.nn as nn
 
-from tagmoe_dist.integrations.diffusers.convert import ALIGNMENT_ATTR, DiffusersMoE, moe_blocks
+from tagmoe_dist.integrations.diffusers.block import DiffusersMoE
+from tagmoe_dist.integrations.diffusers.convert import ALIGNMENT_ATTR, moe_blocks
 
 DMOE_KEYS = ("router.layer.weight", "experts.mlp.w1", "experts.mlp.w2", "experts.bias")
 
