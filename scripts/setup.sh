@@ -19,7 +19,8 @@ if [ ! -f "$stamp" ]; then
   pip install -q --disable-pip-version-check --no-build-isolation -e "$ROOT[deepspeed,megatron,hf,diffusion,test]"
   touch "$stamp"
 fi
-# DeepSpeed JIT-builds a C++ op on first use; keep its build cache inside the project so a killed
-# build (stale lock) never blocks other projects, and tagmoe_dist.launch can find it.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
+# Compiled code is loaded from this cache (DeepSpeed's JIT op, the native MoE kernel): keep it
+# per user and private, never in the repository (often group-writable; see docs/reliability.md).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tagmoe_dist/torch_extensions}"
+(umask 077 && mkdir -p "$TORCH_EXTENSIONS_DIR")
 export TAGMOE_ROOT="$ROOT"

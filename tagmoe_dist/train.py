@@ -28,7 +28,7 @@ from tagmoe_dist import faults
 from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits
 from tagmoe_dist.layer import plan_overlap
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
-from tagmoe_dist.training import checkpoint as ckpt
+from tagmoe_dist.checkpoint import engine as ckpt
 from tagmoe_dist.training.logging import MetricLogger
 
 TRAIN_DEFAULTS: Dict[str, Any] = dict(

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 import tagmoe_dist as tm
 from tests.dist_utils import run_distributed
+from tests.tolerance import REL_FP32, assert_rel_close, assert_rel_far
 
 deepspeed = pytest.importorskip("deepspeed")
 
@@ -148,7 +149,7 @@ def _optimizer_state(engine):
 
 def _checkpoint_worker(rank, world, out_dir):
     from tagmoe_dist.integrations import deepspeed as tds
-    from tagmoe_dist.training import checkpoint as ckpt
+    from tagmoe_dist.checkpoint import engine as ckpt
     deepspeed.init_distributed(dist_backend="gloo")
     groups = tds.parallel_groups(2)
     cfg = ds_config(2, optimizer={"type": "AdamW", "params": {
@@ -254,9 +255,11 @@ def check_against_reference(out_dir: Path, stage: int, world: int, clip: float =
                 # A divisor of the expert-DP size instead of the DP size would show here.
                 wrong = before[n][ids] - grads[n][ids] * got["dp_size"] / got["edp_size"]
                 if got["dp_size"] != got["edp_size"]:
-                    assert not torch.allclose(p, wrong, atol=1e-5), where
-            torch.testing.assert_close(p, want, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{where} differs from the reference: {m}")
+                    # measured on the update (SGD lr=1: the gradient), which the wrong divisor
+                    # scales by dp/edp; the weights themselves move by ~3e-4 of their scale
+                    b = before[n][ids].double()
+                    assert_rel_far(p.double() - b, wrong.double() - b, 0.1, where)
+            assert_rel_close(p, want, REL_FP32, f"{where} differs from the reference")
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

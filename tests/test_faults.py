@@ -16,7 +16,7 @@ import pytest
 from tagmoe_dist import faults
 from tagmoe_dist.faults import (EXIT_LOST_RANK, HeartbeatTracker, Lost, ProcessId, node_peers,
                                 watched_peers)
-from tagmoe_dist.launch import free_port
+from tagmoe_dist.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "OMPI_", "PMIX_", "PMI_",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tagmoe_dist.ports import free_port
 from tests.test_cluster_launch import BASE_ENV, mpi, slurm  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +32,6 @@ RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
 KILL_BOUND_S = 60  # a rank killed mid-training: the job must be over within this
 # Outputs are read with errors="replace": two ranks' progress bars interleave in one stream and
 # can cut a multi-byte character.
-
-
-def _free_port() -> int:
-    from tagmoe_dist.launch import free_port
-    return free_port()
 
 
 def _script(name: str, *args: str, log_dir: Path, steps: int):
@@ -150,13 +146,32 @@ def test_scripts_parse_and_refuse_bad_settings(tmp_path):
     assert r.returncode != 0 and "set SRC and DST" in r.stderr, r.stderr
 
 
+def test_compiled_code_cache_is_private_and_outside_the_repository(tmp_path):
+    # Every script's TORCH_EXTENSIONS_DIR default (DeepSpeed's JIT op and the native kernel are
+    # loaded from it): under the user's cache, created 0700, never inside the repository.
+    scripts = [*LAUNCHERS.glob("*.sh"), *LAUNCHERS.glob("slurm/*.sbatch"),
+               ROOT / "scripts" / "setup.sh"]
+    for script in scripts:
+        lines = [ln for ln in script.read_text().splitlines()
+                 if ln.startswith(("export TORCH_EXTENSIONS_DIR=", "(umask 077"))]
+        if not any("TORCH_EXTENSIONS_DIR" in ln for ln in lines):
+            continue                                   # local.sh: takes setup.sh's
+        home = tmp_path / script.stem
+        env = {"PATH": ENV["PATH"], "HOME": str(home), "ROOT": str(ROOT)}
+        r = subprocess.run(["bash", "-c", "\n".join(lines) + '\necho "$TORCH_EXTENSIONS_DIR"'],
+                           env=env, capture_output=True, text=True, timeout=30)
+        where = Path(r.stdout.strip())
+        assert r.returncode == 0 and home in where.parents, (script, r.stdout, r.stderr)
+        assert oct(where.stat().st_mode & 0o777) == "0o700", script
+
+
 # ---- clean runs ----------------------------------------------------------------------------
 
 def test_deepspeed_sh_hostfile_trains(tmp_path):
     log_dir = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    env = {**ENV, "HOSTFILE": str(hostfile), "MASTER_PORT": str(_free_port())}
+    env = {**ENV, "HOSTFILE": str(hostfile), "MASTER_PORT": str(free_port())}
     r = _run(_script("deepspeed.sh", log_dir=log_dir, steps=3), timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "WORLD INFO DICT: {'localhost': [0, 1]}" in r.stdout + r.stderr
@@ -263,7 +278,7 @@ def test_torchrun_sh_c10d_rendezvous_rank_killed(tmp_path):
     """Also the multi-node path of torchrun.sh (c10d rendezvous endpoint + id), on one node;
     torchrun's clean exit is covered by test_train."""
     log_dir = tmp_path / "run"
-    env = {**ENV, "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}", "RDZV_ID": uuid.uuid4().hex}
+    env = {**ENV, "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": uuid.uuid4().hex}
     rc, took = _kill_rank_midway(_script("torchrun.sh", log_dir=log_dir, steps=10 ** 6),
                                  log_dir, tmp_path / "out.txt", env=env)
     text = _text(tmp_path / "out.txt")
@@ -273,7 +288,7 @@ def test_torchrun_sh_c10d_rendezvous_rank_killed(tmp_path):
 
 def test_deepspeed_sh_rank_killed(tmp_path):
     log_dir = tmp_path / "run"
-    env = {**ENV, "MASTER_PORT": str(_free_port())}
+    env = {**ENV, "MASTER_PORT": str(free_port())}
     rc, took = _kill_rank_midway(_script("deepspeed.sh", log_dir=log_dir, steps=10 ** 6),
                                  log_dir, tmp_path / "out.txt", env=env)
     text = _text(tmp_path / "out.txt")

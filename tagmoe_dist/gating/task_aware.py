@@ -105,6 +105,17 @@ class TaskAlignment(nn.Module):
         return self.loss(g_BE, task_BN)
 
     # ------------------------------------------------------------------ the loss
+    def _predict(self, g_BE: torch.Tensor) -> torch.Tensor:
+        """H_pred in fp32 whatever the parameters' dtype: the signatures are fp32 routing
+        probabilities, and the loss is a routing loss (as the router's logits, kept in fp32)."""
+        if self.predictor[0].weight.dtype == g_BE.dtype:
+            return self.predictor(g_BE)
+        h = g_BE
+        for m in self.predictor:
+            h = (torch.nn.functional.linear(h, m.weight.to(h.dtype), m.bias.to(h.dtype))
+                 if isinstance(m, nn.Linear) else m(h))
+        return h
+
     def loss(self, g_BE: torch.Tensor, task_BN: torch.Tensor):
         """(L_align, alignment accuracy) for signatures g and multi-hot tags. Accuracy: how often the
         prediction's nearest tag-set embedding in the batch is the sample's own tag set."""
@@ -114,7 +125,7 @@ class TaskAlignment(nn.Module):
         if self.cfg.align_target == "detached":
             tag_embed = tag_embed.detach()
         target_BP = task_BN @ tag_embed.to(g_BE.dtype)
-        pred_BP = self.predictor(g_BE)
+        pred_BP = self._predict(g_BE)
         same_BB = (task_BN[:, None, :] == task_BN[None, :, :]).all(-1)
         loss = losses.alignment_loss(pred_BP, target_BP, mask_B, self.cfg.align_loss,
                                      self.cfg.align_temperature, same_BB)

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "latest_checkpointed_iteration.txt, or one iter_* directory; "
                         "hyper-parameters from its stored args or a megatron_config.json beside it)")
     p.add_argument("--dst", required=True, metavar="DIR",
-                   help="output directory; must not exist unless --force. For --format tagmoe it "
+                   help="output directory; must not exist unless --force, and must neither be, "
+                        "contain nor lie inside --src (symlinks resolved). For --format tagmoe it "
                         "is the new run's checkpoints directory, named 'checkpoints' (e.g. "
                         "runs/moe/checkpoints)")
     p.add_argument("--num-experts", required=True, type=int, metavar="N",
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest output shard, e.g. 5GB or 200MB; memory use does not depend "
                         "on it; --format hf only (tagmoe writes one file per expert) (default: 5GB)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --dst (atomically, after the new one is complete)")
+                   help="replace an existing --dst (atomically, after the new one is complete); "
+                        "removes --dst itself and nothing else")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed for router, Drop-Upcycling and noise draws (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -49,9 +49,9 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "ok": False}
     try:
         diffs = megatron_parity.compare("cuda")
-        report["max_diff_logits"] = diffs["logits"]
+        report["max_rel_diff_logits"] = diffs["logits"]
         report["max_rel_diff_grads"] = max(v for k, v in diffs.items() if k.startswith("grad"))
-        report["max_diff_logs"] = max(v for k, v in diffs.items() if k.startswith("log"))
+        report["max_rel_diff_logs"] = max(v for k, v in diffs.items() if k.startswith("log"))
         report.update(megatron_parity.task_aware_smoke("cuda"))
         report["ok"] = True
     except Exception as e:  # report, then fail

@@ -9,7 +9,6 @@ files are written to a temporary name and renamed.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -17,32 +16,22 @@ from typing import Any, Dict, Optional
 import torch.distributed as dist
 import yaml
 
-MANIFEST = "tagmoe_manifest.json"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from tagmoe_dist.checkpoint import atomic, manifest as mf
+from tagmoe_dist.checkpoint.files import LATEST, MODEL_CONFIG, RUN_JSON, TASK_SCHEMA, step_tag
 
 
 def has_checkpoint(ckpt_dir: Path) -> bool:
-    return (Path(ckpt_dir) / "latest").is_file()
+    return (Path(ckpt_dir) / LATEST).is_file()
 
 
 def save(engine, ckpt_dir: Path, step: int) -> Path:
-    tag = f"step_{step}"
+    tag = step_tag(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
     if dist.is_initialized():
         dist.barrier()
     tag_dir = Path(ckpt_dir) / tag
     if not dist.is_initialized() or dist.get_rank() == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.name != MANIFEST}
-        _atomic_write(tag_dir / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        mf.write(tag_dir, step=step)
     if dist.is_initialized():
         dist.barrier()
     return tag_dir
@@ -51,21 +40,16 @@ def save(engine, ckpt_dir: Path, step: int) -> Path:
 def verify(ckpt_dir: Path) -> str:
     """The tag `latest` points to, after checking every file the manifest lists."""
     ckpt_dir = Path(ckpt_dir)
-    latest = ckpt_dir / "latest"
+    latest = ckpt_dir / LATEST
     if not latest.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no 'latest' file); run "
                                 "without --resume, or set train.log_dir to the run to continue")
     tag = latest.read_text().strip()
-    manifest = ckpt_dir / tag / MANIFEST
-    if not manifest.is_file():
-        raise ValueError(f"checkpoint {ckpt_dir / tag} has no {MANIFEST}: it was not written "
-                         "completely; point 'latest' at an earlier step_* directory")
-    want = json.loads(manifest.read_text())["files"]
-    for name, size in want.items():
-        p = ckpt_dir / tag / name
-        if not p.is_file() or p.stat().st_size != size:
-            raise ValueError(f"checkpoint file {p} is missing or truncated (expected {size} bytes); "
-                             "the checkpoint is damaged: point 'latest' at an earlier step_* directory")
+    try:
+        mf.check(ckpt_dir / tag)
+    except ValueError as e:
+        raise ValueError(f"{e}; the checkpoint is damaged: point 'latest' at an earlier step_* "
+                         "directory") from None
     return tag
 
 
@@ -76,9 +60,9 @@ def load(engine, ckpt_dir: Path, ep_size: Optional[int] = None) -> int:
     size (same world size) without a word, copying expert optimizer partitions by position, so
     the first step scrambles the experts; such a load is refused with the reshard command."""
     tag = verify(ckpt_dir)
-    manifest = json.loads((Path(ckpt_dir) / tag / MANIFEST).read_text())
+    manifest = mf.read(Path(ckpt_dir) / tag)
     if ep_size is not None and not manifest.get("weights_only"):
-        from tagmoe_dist.reshard import saved_layout
+        from tagmoe_dist.checkpoint.reshard import saved_layout
         saved = saved_layout(Path(ckpt_dir) / tag)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if saved["ep_size"] not in (None, ep_size) or saved["world_size"] != world:
@@ -88,7 +72,7 @@ def load(engine, ckpt_dir: Path, ep_size: Optional[int] = None) -> int:
                 "scramble the experts' optimizer state. Reshard it first: python -m "
                 f"tagmoe_dist.reshard --src {ckpt_dir} --dst <new run>/checkpoints --ep-size {ep_size}")
     if manifest.get("weights_only"):
-        # Upcycled or optimizer-reset checkpoints (tagmoe_dist.upcycle / tagmoe_dist.reshard) have
+        # Upcycled or optimizer-reset checkpoints (tagmoe_dist.upcycle / checkpoint.reshard) have
         # no optimizer files: load the module only; DeepSpeed then refreshes ZeRO's fp32 master
         # partitions from the loaded weights, and Adam starts from zero moments.
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False,
@@ -109,8 +93,8 @@ def write_run_config(ckpt_dir: Path, config_path: str, cfg, schema, train: Dict[
                      ds_config: Dict[str, Any]) -> None:
     """Our model config and task schema beside DeepSpeed's files, for resume and upcycling."""
     ckpt_dir = Path(ckpt_dir)
-    _atomic_write(ckpt_dir / "model_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic.write_text(ckpt_dir / MODEL_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if schema is not None:
-        _atomic_write(ckpt_dir / "task_schema.yaml", yaml.safe_dump(schema.to_dict(), sort_keys=False))
-    _atomic_write(ckpt_dir / "run.json", json.dumps({"config": str(config_path), "train": train,
+        atomic.write_text(ckpt_dir / TASK_SCHEMA, yaml.safe_dump(schema.to_dict(), sort_keys=False))
+    atomic.write_text(ckpt_dir / RUN_JSON, json.dumps({"config": str(config_path), "train": train,
                                                      "deepspeed": ds_config}, indent=1, default=str))

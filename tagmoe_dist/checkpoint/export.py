@@ -1,4 +1,4 @@
-"""One global fp32 state dict from a DeepSpeed checkpoint of an expert-parallel model.
+"""Export: one global fp32 state dict from a DeepSpeed checkpoint of an expert-parallel model.
 
     python -m tagmoe_dist.checkpoint export --ckpt runs/x/checkpoints --out model.safetensors
 
@@ -26,36 +26,21 @@ Files are unpickled with `weights_only=False` (DeepSpeed stores Python objects):
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
 
-MAIN_FILE = "mp_rank_00_model_states.pt"
-_EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+from tagmoe_dist.checkpoint import atomic
+from tagmoe_dist.checkpoint.files import EXPERT_FILE, MAIN_FILE, TP_MAIN_FILE, ZERO3_MAIN_FILE, expert_file
+from tagmoe_dist.checkpoint.manifest import resolve_tag
+
 _EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
 
 PathLike = Union[str, os.PathLike]
-
-
-def resolve_tag(ckpt_dir: PathLike, tag: Optional[str] = None) -> Path:
-    """`<ckpt_dir>/<tag>`, where tag defaults to the content of `<ckpt_dir>/latest`."""
-    ckpt_dir = Path(ckpt_dir)
-    if tag is None:
-        latest = ckpt_dir / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"{ckpt_dir} has no 'latest' file: pass the tag (the step_* "
-                                    "directory name) explicitly, or point at the checkpoint root")
-        tag = latest.read_text().strip()
-    tag_dir = ckpt_dir / str(tag)
-    if not tag_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {tag_dir} does not exist")
-    return tag_dir
 
 
 def _fp32(t):
@@ -66,7 +51,7 @@ def _expert_files(tag_dir: Path) -> Dict[int, Dict[int, Path]]:
     """{layer: {global expert id: file}} of every per-expert file in the tag directory."""
     files: Dict[int, Dict[int, Path]] = defaultdict(dict)
     for p in tag_dir.iterdir():
-        m = _EXPERT_FILE.match(p.name)
+        m = EXPERT_FILE.match(p.name)
         if not m:
             continue
         if int(m.group(3)) != 0:
@@ -93,11 +78,11 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
     tag_dir = resolve_tag(ckpt_dir, tag)
     main = tag_dir / MAIN_FILE
     if not main.is_file():
-        if (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+        if (tag_dir / ZERO3_MAIN_FILE).is_file():
             raise ValueError(f"{tag_dir} is a ZeRO-3 checkpoint; consolidate() reads ZeRO 0-2 "
                              "checkpoints (tagmoe_dist refuses ZeRO-3 with MoE layers)")
         raise FileNotFoundError(f"{main} not found: is {tag_dir} a DeepSpeed checkpoint?")
-    if (tag_dir / "mp_rank_01_model_states.pt").is_file():
+    if (tag_dir / TP_MAIN_FILE).is_file():
         raise ValueError(f"{tag_dir}: checkpoints with model (tensor) parallel size > 1 are not "
                          "supported by consolidate()")
     state = torch.load(main, map_location="cpu", weights_only=False)
@@ -114,7 +99,7 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
         E = num_experts[layer] if layer < len(num_experts) else max(have) + 1
         missing = [e for e in range(E) if e not in have]
         if missing:
-            want = tag_dir / f"layer_{layer}_expert_{missing[0]}_mp_rank_00_model_states.pt"
+            want = tag_dir / expert_file(layer, missing[0])
             raise ValueError(f"incomplete checkpoint: MoE layer {layer} has {E} experts but "
                              f"{want} is missing ({len(missing)} expert file(s) absent: ids "
                              f"{missing}); was it written by every expert-parallel rank?")
@@ -142,19 +127,6 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
     return out
 
 
-def _atomic(path: PathLike, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def save_safetensors(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Path:
     """Write `state_dict` as safetensors, atomically (temporary name in the same directory, then
     rename), so a reader never sees a half-written file."""
@@ -166,39 +138,9 @@ def save_safetensors(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Pat
     # safetensors refuses tensors that share storage (the per-expert views of one stack).
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()
                if isinstance(v, torch.Tensor)}
-    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return atomic.write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def save_torch(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Path:
     """torch.save, atomically."""
-    return _atomic(path, lambda tmp: torch.save(state_dict, tmp))
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tagmoe_dist.checkpoint",
-                                 description="Tools for DeepSpeed checkpoints of tagmoe_dist models.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="consolidate a checkpoint (all expert-parallel ranks) into "
-                                       "one global fp32 state dict file",
-                        description=consolidate.__doc__)
-    ex.add_argument("--ckpt", required=True, help="checkpoint root (the directory holding 'latest')")
-    ex.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_100 (default: 'latest')")
-    ex.add_argument("--out", required=True, help="output file: .safetensors or .pt")
-    args = ap.parse_args(argv)
-
-    out = Path(args.out)
-    if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        ap.error(f"--out {out}: use a .safetensors or .pt file name")
-    try:
-        sd = consolidate(args.ckpt, args.tag)
-        (save_safetensors if out.suffix == ".safetensors" else save_torch)(sd, out)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    numel = sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
-    print(f"wrote {out}: {len(sd)} tensors, {numel:,} values")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return atomic.write_file(path, lambda tmp: torch.save(state_dict, tmp))
