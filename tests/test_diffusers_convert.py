@@ -19,19 +19,18 @@ from tagmoe_dist.parallel import ParallelGroups  # noqa: E402
 
 from tests import diffusers_tiny as tiny  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
+from tests.tolerance import REL_FP32, assert_rel_close  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "configs" / "tasks" / "tagmoe_paper.yaml"
 TASK = torch.tensor([[0, 0, 0], [1, -1, 2]])          # scope / type / preservation ids, -1 unknown
 
 
-def _close(a, b, rel=1e-5):
+def _close(a, b, rel=REL_FP32):
     if b is None:               # a weight the forward does not use
         assert a is None
         return
-    a, b = a.detach(), b.detach()
-    scale = b.abs().max().clamp(min=1e-6)
-    assert float((a - b).abs().max() / scale) <= rel, float((a - b).abs().max() / scale)
+    assert_rel_close(a, b, rel)
 
 
 @pytest.mark.parametrize("family", ["qwen", "flux", "sd3"])

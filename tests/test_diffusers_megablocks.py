@@ -19,6 +19,7 @@ from tagmoe_dist.parallel import ParallelGroups  # noqa: E402
 
 from tests import diffusers_tiny as tiny  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
+from tests.tolerance import REL_FP32, assert_rel_close  # noqa: E402
 
 E, D = 4, 32
 FF = 4 * D
@@ -67,9 +68,8 @@ def _authors_model(seed: int = 0):
     return model
 
 
-def _close(a, b, rel=1e-5):
-    a, b = a.detach(), b.detach()
-    assert float((a - b).abs().max() / b.abs().max()) <= rel
+def _close(a, b):
+    assert_rel_close(a, b, REL_FP32)
 
 
 def test_dmoe_layer_forward_equals_megablocks_semantics():

@@ -144,3 +144,17 @@ def test_ten_steps_ep2_zero2_match_ep1(tmp_path):
     assert set(summary["task_loss"]) == set(SYNTHETIC_EDITS)
     for layer in summary["layers"]:                  # 5 tasks x 2 samples x 32 image tokens
         assert sum(layer["expert_load"]) == 5 * 2 * 32
+
+
+def test_full_size_config_is_the_papers():
+    """configs/models/qwenimage_tagmoe.yaml (not run here): the paper's MoE settings on
+    Qwen-Image's shape (D 3072, FFN 12288, 60 blocks)."""
+    from tagmoe_dist.integrations.diffusers.convert import moe_config_for
+    from tagmoe_dist.integrations.diffusers.families import parse_moe_blocks
+    cfg = DiffusersModelConfig.from_yaml(ROOT / "configs" / "models" / "qwenimage_tagmoe.yaml")
+    assert parse_moe_blocks(cfg.moe_blocks, 60) == list(range(50, 60))
+    moe = moe_config_for(3072, 12288, cfg.moe, 10, True)
+    assert (moe.num_experts, moe.top_k, moe.activation, moe.expert_mlp_bias, moe.norm_topk_prob,
+            moe.score_function, moe.capacity_factor) == (4, 1, "gelu", True, False, "softmax", None)
+    assert moe.aux_loss_coeff * 10 == pytest.approx(0.01) and moe.align_dim == 512
+    assert cfg.diffusers["dtype"] == "bfloat16" and cfg.train["ep_size"] == 4
