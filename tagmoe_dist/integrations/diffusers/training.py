@@ -201,7 +201,9 @@ class DiffusersModelConfig:
         dtype = DTYPES[d.get("dtype", "float32")]
         if "config" in d:
             transformer = cls(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in d["config"].items()}).to(dtype)
+                                 for k, v in d["config"].items()})
+            if dtype != torch.float32:
+                transformer = transformer.to(dtype)
         else:
             transformer = cls.from_pretrained(d["pretrained"], subfolder=d.get("subfolder", "transformer"),
                                               torch_dtype=dtype)
