@@ -85,6 +85,8 @@ def test_model_config_errors(tmp_path):
     base = DiffusersModelConfig.from_yaml(ROOT / CONFIG).to_dict()
     for edit, match in [({"diffusers": {"family": "UNet2DModel", "config": {}}}, "diffusers.family"),
                         ({"flow": {"shift": 3}}, "flow: unknown key"),
+                        ({"diffusers": {"family": "FluxTransformer2DModel", "config": {}}},
+                         "the editing trainer feeds Qwen-Image's inputs"),
                         ({"moe_blocks": [7]}, None)]:
         d = {**base, **edit}
         if match:

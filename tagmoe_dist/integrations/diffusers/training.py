@@ -145,6 +145,11 @@ class DiffusersModelConfig:
         if not isinstance(d, Mapping) or d.get("family") not in SUPPORTED:
             raise ValueError(f"diffusers.family must be one of {list(SUPPORTED)}, got "
                              f"{d.get('family') if isinstance(d, Mapping) else d!r}")
+        if d["family"] != "QwenImageTransformer2DModel":
+            raise ValueError(f"diffusers.family={d['family']!r}: the editing trainer feeds Qwen-Image's "
+                             "inputs (packed latents, img_shapes, source in context); use "
+                             "QwenImageTransformer2DModel (other families: tm.diffusers.convert "
+                             "and your own loop)")
         known = {"family", "config", "pretrained", "subfolder", "dtype", "authors_checkpoint",
                  "gradient_checkpointing"}
         if set(d) - known:
