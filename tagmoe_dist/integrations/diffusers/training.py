@@ -1,5 +1,6 @@
 """Training a converted Qwen-Image transformer on instruction editing under
 `python -m tagmoe_dist.train` (a model YAML with a `diffusers:` section; docs/diffusion.md).
+Qwen-Image only: the loss feeds its input layout (Flux / SD3 convert, but train in your own loop).
 
 Legend: B batch, C latent channels, H W latent size, P = C*4 packed channels, S = (H/2)(W/2)
 image tokens per image, L instruction length, T text width.
