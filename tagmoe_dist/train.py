@@ -164,14 +164,21 @@ class _Cycle(torch.utils.data.Dataset):
         return self.ds[i % len(self.ds)]
 
 
+# --- model-builder hook -------------------------------------------------------------------
+# A model YAML may name a model that builds itself: a Hugging Face causal LM (`hf: <dir>`,
+# integrations/hf/training.py) or a diffusers MMDiT (`diffusers:` section,
+# integrations/diffusers/training.py). Such a config provides build_model and build_data (and a
+# diffusers one collator and batch_loss); the reference GPT is built below otherwise.
 def load_model_config(path: str):
-    """The model YAML: the reference GPT, or a Hugging Face model (`hf: <dir>`, docs/hf.md)."""
     from tagmoe_dist.integrations.hf.training import HFModelConfig, is_hf_yaml
-    return HFModelConfig.from_yaml(path) if is_hf_yaml(path) else GPTConfig.from_yaml(path)
+    if is_hf_yaml(path):
+        return HFModelConfig.from_yaml(path)
+    from tagmoe_dist.integrations.diffusers.training import DiffusersModelConfig, is_diffusers_yaml
+    return DiffusersModelConfig.from_yaml(path) if is_diffusers_yaml(path) else GPTConfig.from_yaml(path)
 
 
 def build_model(cfg, groups, schema):
-    if hasattr(cfg, "build_model"):     # a Hugging Face model (integrations/hf/training.py)
+    if hasattr(cfg, "build_model"):
         return cfg.build_model(groups, schema)
     return GPT(cfg, groups=groups, task_schema=schema)
 
@@ -183,10 +190,34 @@ def model_logits(engine, model, batch, device):
     return engine(batch["input_ids"].to(device), **kwargs)
 
 
+def make_collator(cfg, schema):
+    return cfg.collator(schema) if hasattr(cfg, "collator") else TaskCollator(schema)
+
+
+def batch_loss(engine, model, cfg, batch, device) -> torch.Tensor:
+    """Per-sample loss [B] of one collated batch."""
+    if hasattr(cfg, "batch_loss"):
+        return cfg.batch_loss(engine, batch, device)
+    logits = model_logits(engine, model, batch, device)
+    return lm_loss(logits, batch["labels"].to(device), per_sample=True)
+
+
+@torch.no_grad()
+def evaluate_loss_only(engine, model, sets, collate, device, cfg) -> Dict[str, float]:
+    """Held-out loss per task for models without token logits (diffusers: flow matching)."""
+    model.eval()
+    try:
+        return {name: float(batch_loss(engine, model, cfg, collate([ds[i] for i in range(len(ds))]),
+                                       device).mean()) for name, ds in sets.items()}
+    finally:
+        model.train()
+# --- end of the model-builder hook ---------------------------------------------------------
+
+
 def build_data(cfg, train: Dict[str, Any], schema):
     """The built-in workload (train.data=synthetic) or the user's JSONL (train.data=FILE.jsonl,
     optional train.eval_data=FILE.jsonl whose records are evaluated per task)."""
-    if hasattr(cfg, "build_data"):      # a Hugging Face model: its tokenizer, chat records
+    if hasattr(cfg, "build_data"):      # model-builder hook: the model's own workload
         data, evals = cfg.build_data(train, schema)
         return _Cycle(data), evals
     if train["data"] == "synthetic":
@@ -289,7 +320,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         ckpt.write_run_config(ckpt_dir, args.config, cfg, schema, train, ds_config)
 
     dp_rank, dp_world = rank, world
-    collate = TaskCollator(data.schema)
+    collate = make_collator(cfg, data.schema)
     logger = MetricLogger(log_dir, model, data.task_names, rank == 0, start, train["steps"])
     stop = StopFlag()
 
@@ -308,8 +339,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         t0 = time.perf_counter()
         for micro in range(train["grad_accum"]):
             batch = collate([data[i] for i in batch_indices(step, micro, train, dp_rank, dp_world)])
-            logits = model_logits(engine, model, batch, device)
-            loss_B = lm_loss(logits, batch["labels"].to(device), per_sample=True)
+            loss_B = batch_loss(engine, model, cfg, batch, device)
             loss = loss_B.mean()
             engine.backward(loss)
             engine.step()
@@ -329,9 +359,12 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         done = step + 1
         watchdog.progress(f"step {done + 1}")
         if train["eval_interval"] and (done % train["eval_interval"] == 0 or done == train["steps"]):
-            logger.log_eval(done, *evaluation.evaluate(
-                engine, model, evals, collate, device, watchdog.progress,
-                logits_fn=lambda batch: model_logits(engine, model, batch, device)))
+            if hasattr(cfg, "batch_loss"):
+                logger.log_eval(done, evaluate_loss_only(engine, model, evals, collate, device, cfg))
+            else:
+                logger.log_eval(done, *evaluation.evaluate(
+                    engine, model, evals, collate, device, watchdog.progress,
+                    logits_fn=lambda batch: model_logits(engine, model, batch, device)))
         if stop.agreed():
             save(done)
             logger.message(f"stopped by signal at step {done}; checkpoint written")

@@ -63,9 +63,9 @@ def _expert_files(tag_dir: Path) -> Dict[int, Dict[int, Path]]:
 
 
 def _stacked_name(m: "re.Match") -> str:
-    # Our container (w1/w2): MoELayer.full_state_dict()'s naming. Anything else (DeepSpeed's
-    # native experts): the ModuleList level `deepspeed_experts.<id>` becomes the stacked dim 0.
-    if m.group(3) in ("w1", "w2"):
+    # Our container (w1/w2, biases b1/b2): MoELayer.full_state_dict()'s naming. Anything else
+    # (DeepSpeed's native experts): the ModuleList level `deepspeed_experts.<id>` becomes dim 0.
+    if m.group(3) in ("w1", "w2", "b1", "b2"):
         return f"{m.group(1)}.{m.group(3)}"
     return f"{m.group(1)}.deepspeed_moe.experts.{m.group(3)}"
 
