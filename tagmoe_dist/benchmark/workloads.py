@@ -23,9 +23,9 @@ import torch
 import yaml
 
 from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits, text_task_schema
-from tagmoe_dist.data.images import (IMAGE_TASK_NAMES, ImageTaskCollator, ImageTasks,
+from tagmoe_dist.data.images import (IMAGE_TASK_DESCRIPTORS, IMAGE_TASK_NAMES, ImageTaskCollator, ImageTasks,
                                      image_eval_splits, image_task_schema)
-from tagmoe_dist.data.synthetic import TASK_NAMES
+from tagmoe_dist.data.synthetic import TASK_NAMES, TEXT_TASKS
 from tagmoe_dist.models.dit import DiT, DiTConfig, flow_matching_loss
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
 from tagmoe_dist.tasks import TaskSchema
@@ -62,6 +62,7 @@ class Workload:
     make_eval: Callable[[int, int], List[dict]]                # (per task, batch) -> batches
     per_sample_loss: Callable[[torch.nn.Module, dict], torch.Tensor]
     token_mask: Callable[[dict], Optional[torch.Tensor]]       # [B, S] real tokens, or None = all
+    task_tags: tuple = ()                                      # descriptor of each task, in order
 
     def config(self, variant: str):
         if variant not in self.configs:
@@ -95,12 +96,21 @@ def _text_train(data: dict, seed: int, steps: int, batch: int) -> List[dict]:
     return [collate([ds[i] for i in idx]) for idx in _chunks(steps * batch, batch)]
 
 
-def _text_eval(data: dict, per_task: int, batch: int) -> List[dict]:
+def _mixed(per_task_samples: List[list]) -> list:
+    """Interleave the tasks' eval samples (task 0, 1, ..., K-1, 0, 1, ...), so that every eval
+    batch mixes tasks: batch-level statistics (the alignment accuracy) cannot read the task off
+    the batch. Per-sample losses do not depend on the batch's other samples."""
     out = []
-    for ds in eval_splits(per_task, seed=EVAL_SEED, **data).values():
-        collate = TaskCollator(ds.schema)
-        out += [collate([ds[i] for i in idx]) for idx in _chunks(len(ds), batch)]
+    for group in zip(*per_task_samples):
+        out += list(group)
     return out
+
+
+def _text_eval(data: dict, per_task: int, batch: int) -> List[dict]:
+    splits = list(eval_splits(per_task, seed=EVAL_SEED, **data).values())
+    samples = _mixed([[ds[i] for i in range(len(ds))] for ds in splits])
+    collate = TaskCollator(splits[0].schema)
+    return [collate([samples[i] for i in idx]) for idx in _chunks(len(samples), batch)]
 
 
 def _text_loss(model, batch) -> torch.Tensor:
@@ -114,7 +124,8 @@ def text_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict]
     return Workload("text", tuple(TASK_NAMES), text_task_schema(),
                     configs or {v: f"configs/models/cmp_text_{v}.yaml" for v in VARIANTS},
                     functools.partial(_text_train, data), functools.partial(_text_eval, data),
-                    _text_loss, lambda b: b["attention_mask"])
+                    _text_loss, lambda b: b["attention_mask"],
+                    tuple(dict(t.descriptor) for t in TEXT_TASKS))
 
 
 # ---------------------------------------------------------------------- image
@@ -139,12 +150,13 @@ def _image_train(data: dict, seed: int, steps: int, batch: int) -> List[dict]:
 
 def _image_eval(data: dict, per_task: int, batch: int) -> List[dict]:
     gen = torch.Generator().manual_seed(EVAL_SEED)
+    splits = list(image_eval_splits(per_task, seed=EVAL_SEED, **data).values())
+    samples = _mixed([[ds[i] for i in range(len(ds))] for ds in splits])
+    collate = ImageTaskCollator(splits[0].schema)
     out = []
-    for ds in image_eval_splits(per_task, seed=EVAL_SEED, **data).values():
-        collate = ImageTaskCollator(ds.schema)
-        for idx in _chunks(len(ds), batch):
-            b = collate([ds[i] for i in idx])
-            out += [_with_noise(b, gen, t) for t in EVAL_T_GRID]
+    for idx in _chunks(len(samples), batch):
+        b = collate([samples[i] for i in idx])
+        out += [_with_noise(b, gen, t) for t in EVAL_T_GRID]
     return out
 
 
@@ -160,7 +172,8 @@ def image_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict
     return Workload("image", tuple(IMAGE_TASK_NAMES), image_task_schema(),
                     configs or {v: f"configs/models/dit_{v}.yaml" for v in VARIANTS},
                     functools.partial(_image_train, data), functools.partial(_image_eval, data),
-                    _image_loss, lambda b: None)
+                    _image_loss, lambda b: None,
+                    tuple(dict(IMAGE_TASK_DESCRIPTORS[n]) for n in IMAGE_TASK_NAMES))
 
 
 WORKLOADS = {"text": text_workload, "image": image_workload}

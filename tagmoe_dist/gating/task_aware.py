@@ -73,7 +73,9 @@ def min_pairwise_distance(target_CP: torch.Tensor, distinct_CC: Optional[torch.T
                           ) -> torch.Tensor:
     """Collapse monitor: min over pairs of rows (i != j, or where `distinct_CC` is True) of
     1 - cos(target_i, target_j). 0 = two targets point the same way (collapsed); NaN = no pair."""
-    tn_CP = F.normalize(target_CP.float(), dim=-1, eps=1e-8)
+    if target_CP.dtype != torch.float64:
+        target_CP = target_CP.float()
+    tn_CP = F.normalize(target_CP, dim=-1, eps=1e-8)
     dist_CC = 1.0 - tn_CP @ tn_CP.t()
     C = target_CP.shape[0]
     pair_CC = ~torch.eye(C, dtype=torch.bool, device=target_CP.device)
