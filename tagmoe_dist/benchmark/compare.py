@@ -174,7 +174,7 @@ def init_model(workload: Workload, variant: str, seed: int) -> tuple:
         shared = {k: v for k, v in ref.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(shared, strict=False)
     if getattr(model, "alignment", None) is not None and workload.task_tags:
-        model.alignment.set_candidates(list(workload.task_tags))
+        model.alignment.set_candidates(workload.task_table(model.alignment.schema))
     return cfg, model
 
 

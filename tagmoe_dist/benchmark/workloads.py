@@ -25,6 +25,7 @@ import yaml
 from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits, text_task_schema
 from tagmoe_dist.data.images import (IMAGE_TASK_DESCRIPTORS, IMAGE_TASK_NAMES, ImageTaskCollator, ImageTasks,
                                      image_eval_splits, image_task_schema)
+from tagmoe_dist.data import interference
 from tagmoe_dist.data.synthetic import TASK_NAMES, TEXT_TASKS
 from tagmoe_dist.models.dit import DiT, DiTConfig, flow_matching_loss
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
@@ -63,6 +64,10 @@ class Workload:
     per_sample_loss: Callable[[torch.nn.Module, dict], torch.Tensor]
     token_mask: Callable[[dict], Optional[torch.Tensor]]       # [B, S] real tokens, or None = all
     task_tags: tuple = ()                                      # descriptor of each task, in order
+    # multi-hot [K, N] of every task under a schema (default: task_tags under it); a workload
+    # that offers several tag schemas (flat / hierarchical) maps each one
+    tag_table: Optional[Callable[[TaskSchema], torch.Tensor]] = None
+    schema_from_config: bool = False          # a model config's task_schema overrides `schema`
 
     def config(self, variant: str):
         if variant not in self.configs:
@@ -72,7 +77,15 @@ class Workload:
         return load_model_config(path if path.is_absolute() else REPO_ROOT / path)
 
     def build(self, cfg) -> torch.nn.Module:
+        if self.schema_from_config and getattr(cfg, "task_schema", None):
+            return build_model(cfg, cfg.load_task_schema())
         return build_model(cfg, self.schema)
+
+    def task_table(self, schema: TaskSchema) -> torch.Tensor:
+        """Every task's tags under `schema`, one row per task (the alignment's candidates)."""
+        if self.tag_table is not None:
+            return self.tag_table(schema)
+        return schema.multi_hot(list(self.task_tags))
 
     def train_batches(self, seed: int, steps: int, batch_size: int) -> List[dict]:
         return self.make_train(seed, steps, batch_size)
@@ -176,11 +189,41 @@ def image_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict
                     tuple(dict(IMAGE_TASK_DESCRIPTORS[n]) for n in IMAGE_TASK_NAMES))
 
 
-WORKLOADS = {"text": text_workload, "image": image_workload}
+# ---------------------------------------------------------------------- interference
+def _interference_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy over the 8 mapped positions; tags from the model's own schema."""
+    schema = getattr(model, "task_schema", None)
+    task = None
+    if schema is not None:
+        task = interference.tag_table(schema).index_select(0, batch["task_index"])
+    logits = model(batch["input_ids"], task=task)
+    return lm_loss(logits, batch["labels"], per_sample=True)
+
+
+def interference_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict] = None,
+                          control: bool = False) -> Workload:
+    """tagmoe_dist.data.interference: 8 conflicting symbol maps (or, control=True, 8 tasks that
+    agree). Variant configs: configs/models/intf_<variant>.yaml; a config's task_schema picks
+    the flat or the hierarchical tags."""
+    name = "control" if control else "interference"
+    variants = ("dense", "topk", "tag", "tag_literal", "tag_l001", "tag_l02", "tag_flat", "oracle")
+    return Workload(name, interference.TASK_NAMES,
+                    TaskSchema.from_yaml(REPO_ROOT / "configs/tasks/interference.yaml"),
+                    configs or {v: f"configs/models/intf_{v}.yaml" for v in variants},
+                    lambda seed, steps, batch: interference.make_batches(seed, steps, batch, control),
+                    lambda per_task, batch: interference.eval_batches(per_task, batch, control),
+                    _interference_loss, lambda b: b["attention_mask"],
+                    tuple(interference.task_descriptor(t) for t in interference.TASK_NAMES),
+                    interference.tag_table, schema_from_config=True)
+
+
+WORKLOADS = {"text": text_workload, "image": image_workload, "interference": interference_workload,
+             "control": functools.partial(interference_workload, control=True)}
 
 
 def get_workload(name: str, configs: Optional[Dict[str, str]] = None,
                  data: Optional[dict] = None) -> Workload:
+    """text | image | interference | control (the interference workload without conflicts)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
     return WORKLOADS[name](configs, data)
