@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tagmoe_dist", "tagmoe_dist.*"]),
     # the native CPU kernel is compiled from source on first use (dispatch/native.py)
-    package_data={"tagmoe_dist": ["csrc/*.c"]},
+    package_data={"tagmoe_dist": ["kernels/csrc/*.c"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "PyYAML>=6", "tqdm"],
     extras_require={

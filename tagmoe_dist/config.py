@@ -19,6 +19,7 @@ AUX_LOSS_REDUCTIONS = ("mean", "sum")
 TASK_CONDITIONING = ("none", "add", "concat")
 ALIGN_TARGETS = ("learned", "detached", "orthogonal")
 ALIGN_LOSSES = ("cosine", "contrastive")
+EXPERT_KERNELS = ("auto", "native", "grouped_mm", "torch")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -77,15 +78,19 @@ class MoEConfig:
     align_loss: str = "cosine"                # cosine (paper) | contrastive
     align_temperature: float = 0.1
     # experts
-    activation: str = "swiglu"                # swiglu | gelu
+    activation: str = "swiglu"                # swiglu | gelu (tanh approximation)
+    expert_mlp_bias: bool = False             # biases on both expert linears (the paper's DiT experts)
+    # which kernel computes the experts (kernels/__init__.py): auto | native | grouped_mm | torch
+    expert_kernel: str = "auto"
     num_shared_experts: int = 0
     shared_expert_ffn_hidden_size: Optional[int] = None   # default: num_shared_experts * ffn_hidden_size
     shared_expert_gate: bool = False          # sigmoid gate on the shared expert (Qwen2-MoE)
     init_std: float = 0.02
     # layout / execution
     input_layout: str = "bsh"                 # bsh = [batch, seq, hidden], sbh = [seq, batch, hidden], th = flat
-    # EP>1: chunks of the all-to-all / expert pipeline. "auto" picks them from measured rates
-    # (planner.py), so float summation order, hence the last bits, may differ between runs;
+    # EP>1: chunks of the all-to-all / expert pipeline. "auto": the cost model's choice from rates
+    # measured once by `plan_overlap` (outside forward; dispatch/dispatcher.py), or a default
+    # without measurement; measured rates may differ between runs and so may the last bits:
     # give a number for bitwise-reproducible runs.
     overlap_chunks: Union[int, str] = "auto"
     debug_checks: bool = False                # host-syncing checks (non-finite logits)
@@ -107,6 +112,7 @@ class MoEConfig:
         _choice("task_conditioning", self.task_conditioning, TASK_CONDITIONING)
         _choice("align_target", self.align_target, ALIGN_TARGETS)
         _choice("align_loss", self.align_loss, ALIGN_LOSSES)
+        _choice("expert_kernel", self.expert_kernel, EXPERT_KERNELS)
         if self.capacity_factor is not None:
             if not isinstance(self.capacity_factor, (int, float)) or self.capacity_factor <= 0:
                 raise ValueError(f"MoEConfig.capacity_factor must be > 0 or None (dropless), "

@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tagmoe_dist.config import MoEConfig
-from tagmoe_dist.dispatch.dispatcher import AllToAllDispatcher
+from tagmoe_dist.dispatch.costmodel import measure_rates
+from tagmoe_dist.dispatch.dispatcher import TokenDispatcher
 from tagmoe_dist.experts import DenseMLP, GroupedExperts
 from tagmoe_dist.gating.losses import AuxLossAutoScaler, routing_entropy
 from tagmoe_dist.gating.task_aware import TaskAlignment, TaskAwareRouter, per_sample_mean
@@ -20,7 +21,7 @@ from tagmoe_dist.gating.task_level import TaskLevelRouter
 from tagmoe_dist.gating.topk import TopKRouter
 from tagmoe_dist.parallel import ParallelGroups
 from tagmoe_dist.tasks import TaskSchema
-from tagmoe_dist.tensor_parallel import TensorParallelMoE, copy_to_region, gather_ffn, shard_ffn
+from tagmoe_dist.parallel.tensor import TensorParallelMoE, copy_to_region, gather_ffn, shard_ffn
 
 _LOSS_COEFF = {"aux": "aux_loss_coeff", "z": "z_loss_coeff", "align": "align_loss_coeff"}
 
@@ -78,14 +79,15 @@ class MoELayer(nn.Module):
         self.tp = TensorParallelMoE.maybe(groups, cfg.input_layout)   # None without TP
         self.experts = GroupedExperts(cfg.hidden_size, cfg.ffn_hidden_size, local_ids,
                                       cfg.activation, cfg.init_std, base_seed,
-                                      shard=(groups.etp_rank, groups.etp_size))
+                                      shard=(groups.etp_rank, groups.etp_size),
+                                      bias=cfg.expert_mlp_bias, kernel=cfg.expert_kernel)
         for p in self.experts.parameters():
             # DeepSpeed / Megatron conventions: not all-reduced over data parallel, but over the
             # expert-data-parallel group named after the EP size.
             p.allreduce = False
             p.group_name = f"ep_size_{groups.ep_size}"
         self.shared_expert = SharedExpert(cfg, groups) if cfg.shared_ffn_size > 0 else None
-        self.dispatcher = AllToAllDispatcher(cfg.num_experts, cfg.top_k, groups)
+        self.dispatcher = TokenDispatcher(cfg.num_experts, cfg.top_k, groups, cfg.overlap_chunks)
 
         self.alignment: Optional[TaskAlignment] = None
         # Not a submodule: the model owns it (registering it here would duplicate its weights).
@@ -109,16 +111,13 @@ class MoELayer(nn.Module):
         x_TD, sample_idx_T, num_samples = self._flatten(x, task, token_to_sample)
         task_BN = self._task_multi_hot(task, num_samples)
 
-        route = self.router(x_TD, sample_idx_T, num_samples, task_BN)
+        route = self.router(x_TD, sample_idx_T, num_samples, task_BN)        # router
         if tp:
             y_TD = self._tensor_parallel_experts(tp, x_TD, xp.reshape(x_TD.shape), route)
-        elif self.groups.ep_size == 1:
-            y_TD = self.dispatcher.local(x_TD, route, self.experts)
-            if self.shared_expert is not None:
-                y_TD = y_TD + self.shared_expert(x_TD)
-        else:  # the shared expert runs inside, while the first tokens travel
-            y_TD = self.dispatcher.expert_parallel(x_TD, route, self.experts,
-                                                   self.cfg.overlap_chunks, self.shared_expert)
+        else:
+            plan = self.dispatcher.plan(x_TD, route)                            # dispatch
+            # experts and combine (EP > 1: the shared expert runs while the first tokens travel)
+            y_TD = self.dispatcher(x_TD, plan, self.experts, self.shared_expert)
 
         y = tp.exit(y_TD.view(x.shape)) if tp else y_TD      # TP: sum the partial outputs
 
@@ -128,11 +127,7 @@ class MoELayer(nn.Module):
     def _tensor_parallel_experts(self, tp, x_TD, xp_TD, route):
         """Step 3 of tensor_parallel.py: this rank's partial output, routed + shared experts."""
         xe_TD, route_e = tp.expert_inputs(xp_TD, route)
-        if self.groups.ep_size == 1:
-            y_TD = self.dispatcher.local(xe_TD, route_e, self.experts)
-        else:
-            y_TD = self.dispatcher.expert_parallel(xe_TD, route_e, self.experts,
-                                                   self.cfg.overlap_chunks)
+        y_TD = self.dispatcher(xe_TD, self.dispatcher.plan(xe_TD, route_e), self.experts)
         y_TD = tp.expert_outputs(y_TD, x_TD.shape[0])
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD, xp_TD)
@@ -184,7 +179,11 @@ class MoELayer(nn.Module):
         if self.task_schema is None:
             raise ValueError("task= was given but the layer has no task_schema; pass "
                              "task_schema= to MoELayer")
-        return self.task_schema.to_multi_hot(task, num_samples).to(self.router_device)
+        # A multi-hot from the model (validated once per batch there) is taken as it is: value
+        # checks would cost a host sync in every layer. Level ids are validated here.
+        validate = not task.dtype.is_floating_point
+        return self.task_schema.to_multi_hot(task, num_samples, validate=validate).to(
+            self.router_device)
 
     @property
     def router_device(self):
@@ -228,7 +227,10 @@ class MoELayer(nn.Module):
         return AuxLossAutoScaler.apply(y, loss, self.aux_loss_scale)
 
     # ------------------------------------------------------------------ weights
-    _EXPERT_KEYS = ("experts.w1", "experts.w2")
+    @property
+    def _EXPERT_KEYS(self):
+        return ("experts.w1", "experts.w2") + (("experts.b1", "experts.b2")
+                                               if self.experts.b1 is not None else ())
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Global (unsharded) weights on every rank: expert tensors gathered over the EP group.
@@ -284,6 +286,33 @@ class MoELayer(nn.Module):
                                  self.cfg.activation == "swiglu")
         self.load_state_dict(local)
 
+    def plan_overlap(self, tokens: Optional[int] = None) -> None:
+        """Measure this system's all-to-all and expert rates once, so `overlap_chunks="auto"`
+        chooses chunk counts from the cost model (dispatch/costmodel.py). Collective over the EP
+        group: every rank calls it, outside forward (the trainer does at model build). Without it
+        "auto" uses a default that needs no measurement. `tokens`: tokens per rank per step."""
+        plan_overlap(self, tokens)
+
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step; call after each optimizer step (all ranks)."""
         self.router.update_expert_bias(self.groups.dp_group)
+
+
+def plan_overlap(model: nn.Module, tokens: Optional[int] = None) -> int:
+    """`MoELayer.plan_overlap` for every expert-parallel layer of `model` with
+    overlap_chunks="auto", measuring once per distinct (groups, shape, device, dtype) and sharing
+    the rates. Collective: every rank calls it with the same model. Returns the measurements made."""
+    measured = {}
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        cfg, g = layer.cfg, layer.groups
+        if g.ep_size == 1 or cfg.overlap_chunks != "auto":
+            continue
+        w = layer.experts.w2
+        key = (id(g.ep_group), cfg.hidden_size, w.shape[1], cfg.activation, w.device, w.dtype)
+        if key not in measured:
+            rows = (tokens or 2048) * cfg.top_k // max(1, layer.experts.num_local_experts)
+            measured[key] = measure_rates(g, cfg.hidden_size, w.shape[1], rows=max(64, min(rows, 4096)),
+                                          activation=cfg.activation, reps=3, device=w.device,
+                                          dtype=w.dtype)
+        layer.dispatcher.rates = measured[key]
+    return len(measured)

@@ -225,8 +225,12 @@ class TaskSchema:
 
     # ---------------------------------------------------------------- batch normalisation
     def to_multi_hot(self, task: torch.Tensor, batch_size: int | None = None,
-                     field: str = "task") -> torch.Tensor:
-        """Accept either batch form, validate it, return float multi-hot [batch, num_tags]."""
+                     field: str = "task", validate: bool = True) -> torch.Tensor:
+        """Accept either batch form, validate it, return float multi-hot [batch, num_tags].
+
+        `validate=False` checks shapes only (host-side metadata): no value checks, hence no host
+        sync. Models validate a batch's descriptors once and hand every MoE layer the multi-hot
+        with validate=False (MoELayer does so for multi-hot input)."""
         if not isinstance(task, torch.Tensor):
             raise TypeError(f"{field} must be a torch.Tensor (LongTensor [batch, {self.num_levels}] "
                             f"of level ids or multi-hot [batch, {self.num_tags}]), got {type(task).__name__}")
@@ -239,11 +243,13 @@ class TaskSchema:
         is_ids = (not task.dtype.is_floating_point and task.dtype != torch.bool
                   and task.shape[1] == self.num_levels)
         if is_ids:
-            return self._ids_to_multi_hot(task, field)
+            return self._ids_to_multi_hot(task, field, validate)
         if task.shape[1] != self.num_tags:
             raise ValueError(f"{field} has {task.shape[1]} columns: expected {self.num_levels} "
                              f"(integer level ids) or {self.num_tags} (multi-hot over the tags)")
         mh = task.to(torch.float32)
+        if not validate:
+            return mh
         if not bool(((mh == 0) | (mh == 1)).all()):
             raise ValueError(f"{field}: multi-hot entries must be 0 or 1")
         for lv, off in zip(self.levels, self._offsets):
@@ -252,15 +258,21 @@ class TaskSchema:
                                  "set in a row; set at most one")
         return mh
 
-    def _ids_to_multi_hot(self, ids_BL: torch.Tensor, field: str) -> torch.Tensor:
+    def _ids_to_multi_hot(self, ids_BL: torch.Tensor, field: str,
+                          validate: bool = True) -> torch.Tensor:
         sizes_L = torch.tensor([len(lv.values) for lv in self.levels], device=ids_BL.device)
+        offsets_L = torch.tensor(self._offsets, device=ids_BL.device)
+        if not validate:     # no boolean-mask indexing: unknown (-1) entries add a zero
+            known_BL = (ids_BL >= 0).to(torch.float32)
+            cols_BL = torch.minimum(ids_BL.clamp(min=0), sizes_L - 1) + offsets_L
+            return torch.zeros(ids_BL.shape[0], self.num_tags, device=ids_BL.device).scatter_add_(
+                1, cols_BL, known_BL)
         bad_BL = (ids_BL < -1) | (ids_BL >= sizes_L)
         if bool(bad_BL.any()):
             b, l = (int(i) for i in torch.nonzero(bad_BL)[0])
             lv = self.levels[l]
             raise ValueError(f"{field}[{b}, {l}] = {int(ids_BL[b, l])} is out of range for level "
                              f"{lv.name!r}: use 0..{len(lv.values) - 1} or -1 for unknown")
-        offsets_L = torch.tensor(self._offsets, device=ids_BL.device)
         known_BL = ids_BL >= 0
         out_BN = torch.zeros(ids_BL.shape[0], self.num_tags, device=ids_BL.device)
         cols = (ids_BL.clamp(min=0) + offsets_L)[known_BL]

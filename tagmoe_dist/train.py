@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from tagmoe_dist import faults
 from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits
+from tagmoe_dist.layer import plan_overlap
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
 from tagmoe_dist.training import checkpoint as ckpt
 from tagmoe_dist.training.logging import MetricLogger
@@ -227,6 +228,8 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     model = GPT(cfg, groups=groups, task_schema=schema).to(device)
     if not cfg.is_dense:
         tds.prepare_model(model)
+    # overlap_chunks="auto": rates measured once here, never inside forward (collective)
+    plan_overlap(model)
     model.set_aux_loss_scale(1.0 / train["grad_accum"])
     params = tds.optimizer_param_groups(model, train["weight_decay"])
     optimizer = None

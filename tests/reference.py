@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 
-def _mlp(x, w1, w2, activation):
-    h = x @ w1
+def _mlp(x, w1, w2, activation, b1=None, b2=None):
+    h = x @ w1 if b1 is None else x @ w1 + b1
     if activation == "swiglu":
         g, u = h.chunk(2, dim=-1)
         h = F.silu(g) * u
     else:
         h = F.gelu(h, approximate="tanh")
-    return h @ w2
+    return h @ w2 if b2 is None else h @ w2 + b2
 
 
 def reference_forward(cfg, p, x_BSD, task_BN=None):
@@ -66,7 +66,10 @@ def reference_forward(cfg, p, x_BSD, task_BN=None):
             for i, (t, k) in enumerate(choices):
                 keep[t][k] = i < cap
 
-    out_e = [_mlp(x, p["experts.w1"][e], p["experts.w2"][e], cfg.activation) for e in range(E)]
+    bias = cfg.expert_mlp_bias
+    out_e = [_mlp(x, p["experts.w1"][e], p["experts.w2"][e], cfg.activation,
+                  p["experts.b1"][e] if bias else None, p["experts.b2"][e] if bias else None)
+             for e in range(E)]
     rows = []
     for t in range(T):
         acc = x.new_zeros(D)
@@ -130,3 +133,27 @@ def reference_grads(cfg, sd, x_BSD, task_BN, cot_BSD):
     grads = torch.autograd.grad(obj, [p[k] for k in names] + [x], allow_unused=True)
     g = {k: (gr if gr is not None else torch.zeros_like(p[k])) for k, gr in zip(names, grads)}
     return y.detach(), {k: v.detach() for k, v in losses.items()}, g, grads[-1]
+
+
+# ---- the textbook permute / unpermute pair, the reference for the fused kernels' row math
+def permute(x_TD: torch.Tensor, perm_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Rows of x in expert order: x_ND[i] = x_TD[perm_N[i] // K]."""
+    return x_TD.index_select(0, torch.div(perm_N, top_k, rounding_mode="floor"))
+
+
+def unpermute(y_ND: torch.Tensor, perm_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Inverse of `permute` with the weighted sum over the K choices: y_TD = sum_k w_tk * y[t,k].
+
+    Choices that were dropped (their flat index is absent from perm_N) contribute zero.
+    Implemented as a gather from the permuted buffer (plus one zero row for dropped choices)
+    followed by a batched weighted sum, which is cheaper than a scatter-add on CPU and GPU.
+    """
+    T, K = weights_TK.shape
+    N = perm_N.numel()
+    D = y_ND.shape[-1]
+    inv_TK = torch.full((T * K,), N, dtype=torch.long, device=perm_N.device)
+    inv_TK[perm_N] = torch.arange(N, device=perm_N.device)
+    y_pad = torch.cat([y_ND, y_ND.new_zeros(1, D)]) if N < T * K else y_ND
+    y_TKD = y_pad.index_select(0, inv_TK).view(T, K, D)
+    w_T1K = weights_TK.to(y_ND.dtype).unsqueeze(1)
+    return torch.bmm(w_T1K, y_TKD).squeeze(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tagmoe_dist as tm
-from tagmoe_dist.benchmark.collapse import SMALL, probe
+from tagmoe_lab.benchmark.collapse import SMALL, probe
 from tagmoe_dist.gating.task_aware import min_pairwise_distance
 
 SCHEMA = tm.TaskSchema.from_dict({"levels": {

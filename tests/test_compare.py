@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from tagmoe_dist.benchmark import Budget, compare, get_workload, summary
-from tagmoe_dist.benchmark.compare import init_model
-from tagmoe_dist.benchmark.report import routing_report
+from tagmoe_lab.benchmark import Budget, compare, get_workload, summary
+from tagmoe_lab.benchmark.compare import init_model
+from tagmoe_lab.benchmark.report import routing_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Budget(steps=2, batch_size=4, warmup_steps=1, eval_per_task=2, eval_batch_size=8, log_every=1)

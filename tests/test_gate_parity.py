@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import tagmoe_dist as tm
-from tagmoe_dist.dispatch.permute import expert_capacity
+from tagmoe_dist.gating.capacity import expert_capacity
 from tagmoe_dist.gating.topk import TopKRouter
 
 sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagmoe_dist.benchmark.compare import Budget, init_model, train_run
-from tagmoe_dist.benchmark.workloads import get_workload
+from tagmoe_lab.benchmark.compare import Budget, init_model, train_run
+from tagmoe_lab.benchmark.workloads import get_workload
 from tagmoe_dist.data import interference as I
 
 ROOT = Path(__file__).resolve().parents[1]

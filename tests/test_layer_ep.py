@@ -30,7 +30,11 @@ CASES = [
                                           capacity_factor=0.5, drop_policy="position")),
     ("task_aware-concat-shared", dict(router="task_aware", task_conditioning="concat",
                                       num_shared_experts=2)),
+    # the paper's DiT experts: tanh-GELU with biases, top-1 (the native kernel has no biases)
+    ("task_aware-gelu-bias-top1", dict(router="task_aware", activation="gelu", top_k=1,
+                                       expert_mlp_bias=True)),
 ]
+BIAS_CASES = {"task_aware-gelu-bias-top1"}
 
 
 def rank_inputs(rank: int, case_idx: int):
@@ -46,34 +50,29 @@ def rank_inputs(rank: int, case_idx: int):
     return x, ids, cot
 
 
-def _use_kernel(kernel: str):
-    """'native': the C kernel must load here; 'torch': force the PyTorch kernels in this process."""
-    from tagmoe_dist.dispatch import native
-    if kernel == "native":
-        assert native.library() is not None, native.status()
-    else:
-        native._lib, native._tried, native._reason = None, True, "forced by the test"
-
-
 def _check(rank, world, cases=None, kernel="native"):
-    _use_kernel(kernel)
+    """Every case with the expert kernel `kernel` (MoEConfig.expert_kernel): a named kernel that
+    cannot run here raises, so 'native' also asserts that the C kernel loads."""
     groups = tm.ParallelGroups.build(ep_size=world) if world > 1 else tm.ParallelGroups.single()
     for ci, (name, over) in enumerate(CASES):
         if cases is not None and name not in cases:
             continue
+        # biases exist in the torch and grouped_mm kernels; with 'native' the case runs 'auto'
+        k = "auto" if (kernel == "native" and name in BIAS_CASES) else kernel
         for chunks in (cases or {}).get(name, [None]):
+            over_c = dict(over, expert_kernel=k)
             _check_case(rank, world, groups, ci, name,
-                        dict(over, overlap_chunks=chunks) if chunks else over)
+                        dict(over_c, overlap_chunks=chunks) if chunks else over_c)
 
 
 def _check_case(rank, world, groups, ci, name, over):
-    cfg = tm.MoEConfig(hidden_size=D, ffn_hidden_size=F_, num_experts=E, top_k=K,
-                       align_dim=12, align_hidden=10, init_std=0.3, **over)
+    cfg = tm.MoEConfig(**dict(dict(hidden_size=D, ffn_hidden_size=F_, num_experts=E, top_k=K,
+                                   align_dim=12, align_hidden=10, init_std=0.3), **over))
     torch.manual_seed(7)
     layer = tm.MoELayer(cfg, groups=groups, task_schema=SCHEMA)
     with torch.no_grad():  # make task terms matter (they are zero-initialised)
         for n, p in layer.named_parameters():
-            if n.startswith("router.task_"):
+            if n.startswith("router.task_") or n in ("experts.b1", "experts.b2"):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
     full = layer.full_state_dict()
     x, ids, cot = rank_inputs(rank, ci)
@@ -103,25 +102,18 @@ def _check_case(rank, world, groups, ci, name, over):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{where}: grad {n} {m}")
 
 
-@pytest.fixture
-def restore_native():
-    from tagmoe_dist.dispatch import native
-    state = native._lib, native._tried, native._reason
-    yield
-    native._lib, native._tried, native._reason = state
-
-
-@pytest.mark.parametrize("kernel", ["native", "torch"])
+@pytest.mark.parametrize("kernel", ["native", "torch", "grouped_mm"])
 @pytest.mark.parametrize("ep", [1, 2, 4])
-def test_ep_equals_reference(ep, kernel, restore_native):
-    """Both CPU kernels: the native one (csrc/moe_cpu.c) and the PyTorch one it falls back to."""
+def test_ep_equals_reference(ep, kernel):
+    """Every expert kernel: the native one (csrc/moe_cpu.c), the PyTorch one it falls back to,
+    and torch's grouped_mm (the GPU kernel, which torch also runs on CPU)."""
     if ep == 1:
         _check(0, 1, None, kernel)
     else:
         run_distributed(_check, ep, None, kernel)
 
 
-OVERLAP = {"topk-dropless": [1, 2, 4], "topk-drop": [3],
+OVERLAP = {"topk-dropless": [1, 2, 4], "topk-drop": [3], "task_aware-gelu-bias-top1": [3],
            "topk-sigmoid-norm-seqaux-shared-gelu": [1, 2, 4], "task_aware-concat-shared": [2]}
 
 
@@ -131,3 +123,4 @@ def test_overlap_chunks_equal_reference(ep):
     losses for every chunk count, with and without shared experts (issue: overlap)."""
     run_distributed(_check, ep, OVERLAP, "native")
     run_distributed(_check, ep, OVERLAP, "torch")
+    run_distributed(_check, ep, OVERLAP, "grouped_mm")

@@ -11,19 +11,19 @@ import textwrap
 import pytest
 import torch
 
-from tagmoe_dist.dispatch import native
-from tagmoe_dist.dispatch.local import LocalMoE, NativeLocalMoE
-from tagmoe_dist.experts import gelu, swiglu
+from tagmoe_dist.kernels import native
+from tagmoe_dist.kernels import select_kernel
+from tagmoe_dist.kernels.base import ExpertWeights, expert_rows
 from tests.reference import _mlp
 
-ACTS = {"gelu": (gelu, 0), "swiglu": (swiglu, 1)}
+KERNELS = ["native", "torch", "grouped_mm"]
 
 
 def test_native_kernel_is_used_here():
     # This machine has a C compiler and torch's MKL: the fast path must be the one that runs.
-    if os.environ.get("TAGMOE_NATIVE") == "0":
-        pytest.skip("TAGMOE_NATIVE=0 set by the caller")
     assert native.library() is not None, native.status()
+    w = ExpertWeights(torch.zeros(2, 8, 8), torch.zeros(2, 8, 8), activation="gelu")
+    assert select_kernel("auto", w, torch.zeros(3, 8)).name == "native"
 
 
 def _case(act, T=60, K=3, E=7, D=16, F=8, seed=0, empty=(2,), rows=None):
@@ -60,14 +60,15 @@ def _reference(act, x, w1, w2, w, tok, counts, gy):
 
 
 def _run(kernel, act, x, w1, w2, w, tok, counts, gy, max_rows):
-    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, w)]
-    fn, act_arg = (NativeLocalMoE, ACTS[act][1]) if kernel == "native" else (LocalMoE, ACTS[act][0])
-    y = fn.apply(*leaves, tok, counts, act_arg, max_rows)
+    xl, w1l, w2l, wl = leaves = [t.clone().requires_grad_() for t in (x, w1, w2, w)]
+    weights = ExpertWeights(w1l, w2l, activation=act)
+    k = select_kernel(kernel, weights, xl)          # a named kernel that cannot run raises
+    y = expert_rows(k, xl, weights, wl, tok, torch.tensor(counts), counts, max_rows)
     y.backward(gy)
     return [y.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("kernel", ["native", "torch"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])
 @pytest.mark.parametrize("max_rows", [1000, 23, 4])     # one chunk; whole experts; experts split
 def test_kernel_matches_reference(kernel, act, max_rows):
@@ -82,7 +83,7 @@ def test_kernel_matches_reference(kernel, act, max_rows):
     assert got[2][2].abs().max() == 0 and got[3][2].abs().max() == 0
 
 
-@pytest.mark.parametrize("kernel", ["native", "torch"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_with_no_rows(kernel):
     case = _case("gelu", rows=0)
     y, gx, gw1, gw2, gw = _run(kernel, "gelu", *case, 16)
@@ -145,7 +146,7 @@ def test_row_movement_matches_torch():
 
 _BUILD = textwrap.dedent("""
     import sys, warnings
-    from tagmoe_dist.dispatch import native
+    from tagmoe_dist.kernels import native
     if sys.argv[1] == "build":
         print(native.build())
     else:
@@ -170,7 +171,6 @@ def _python(args, env, timeout=120):
 
 def test_concurrent_builds_share_one_library(tmp_path):
     env = dict(os.environ, TAGMOE_NATIVE_DIR=str(tmp_path))
-    env.pop("TAGMOE_NATIVE", None)
     procs = [subprocess.Popen([sys.executable, "-c", _BUILD, "build"], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
@@ -183,7 +183,6 @@ def test_concurrent_builds_share_one_library(tmp_path):
 
 def test_failed_build_falls_back_and_says_why(tmp_path):
     env = dict(os.environ, TAGMOE_NATIVE_DIR=str(tmp_path), CC="false")
-    env.pop("TAGMOE_NATIVE", None)
     res = _python(["layer"], env)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()

@@ -1,4 +1,4 @@
-"""Ranks as separate hosts in Linux network namespaces (tagmoe_dist.netns).
+"""Ranks as separate hosts in Linux network namespaces (tagmoe_lab.netns).
 
 These need root / CAP_NET_ADMIN and iproute2 (ensure_tools installs it with apt-get). Where
 namespaces cannot be created the tests FAIL with the reason instead of skipping: the overlap
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tagmoe_dist import netns
+from tagmoe_lab import netns
 
 RATE_MBIT = 40
 NBYTES = 1 << 20

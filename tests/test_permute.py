@@ -7,6 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tagmoe_dist.dispatch import permute as P
+from tagmoe_dist.gating.capacity import capacity_keep_mask, expert_capacity
+from tagmoe_dist.kernels.chunks import expert_chunks
+from tests.reference import permute, unpermute
 
 settings.register_profile("ci", deadline=None, max_examples=60)
 settings.load_profile("ci")
@@ -33,17 +36,17 @@ def test_permute_unpermute_inverse(r, drop):
     x = torch.randn(T, 5, generator=g)
     keep = None
     if drop:
-        cap = P.expert_capacity(T, E, K, 0.7)
-        keep = P.capacity_keep_mask(ids, scores, E, cap, "probs")
+        cap = expert_capacity(T, E, K, 0.7)
+        keep = capacity_keep_mask(ids, scores, E, cap, "probs")
     perm, counts = P.sort_by_expert(ids, E, keep)
     kept = ids if keep is None else ids[keep]
     assert counts.tolist() == torch.bincount(kept.reshape(-1), minlength=E).tolist()
     assert perm.numel() == int(counts.sum())
     sorted_ids = ids.reshape(-1)[perm]
     assert bool((sorted_ids[1:] >= sorted_ids[:-1]).all()), "rows must be grouped by expert"
-    x_N = P.permute(x, perm, K)
+    x_N = permute(x, perm, K)
     w = torch.rand(T, K, generator=g)
-    y = P.unpermute(x_N, perm, w)
+    y = unpermute(x_N, perm, w)
     kept_w = w if keep is None else w * keep
     torch.testing.assert_close(y, x * kept_w.sum(1, keepdim=True))
 
@@ -79,9 +82,9 @@ def _naive_keep(ids, scores, E, cap, policy):
 @given(routing(), st.sampled_from(["probs", "position"]), st.floats(0.1, 2.0))
 def test_capacity_matches_naive(r, policy, factor):
     T, E, K, ids, scores, g = r
-    cap = P.expert_capacity(T, E, K, factor)
+    cap = expert_capacity(T, E, K, factor)
     assert cap == max(1, math.ceil(T * K * factor / E))
-    keep = P.capacity_keep_mask(ids, scores, E, cap, policy)
+    keep = capacity_keep_mask(ids, scores, E, cap, policy)
     assert torch.equal(keep, _naive_keep(ids, scores, E, cap, policy))
 
 
@@ -116,7 +119,7 @@ def test_split_counts_and_block_rows(C, seed):
 
 @given(st.lists(st.integers(0, 9), min_size=1, max_size=12), st.integers(1, 11))
 def test_expert_chunks_keep_experts_whole(counts, max_rows):
-    chunks = P.expert_chunks(counts, max_rows)
+    chunks = expert_chunks(counts, max_rows)
     owner = [e for e, c in enumerate(counts) for _ in range(c)]   # expert of each row, naive
     seen, pos, split = [], 0, {}
     for start, stop, pieces in chunks:

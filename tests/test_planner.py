@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tagmoe_dist import planner as pl
+from tagmoe_lab import planner as pl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTERS = os.path.join(ROOT, "configs", "clusters")

@@ -5,7 +5,7 @@ import statistics
 import pytest
 import torch
 
-from tagmoe_dist.benchmark.stats import bootstrap_ci, paired
+from tagmoe_lab.benchmark.stats import bootstrap_ci, paired
 
 
 def test_bootstrap_interval_matches_normal_theory_and_is_reproducible():

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 
 import tagmoe_dist as tm
-from tagmoe_dist import tensor_parallel as tp
-from tagmoe_dist.experts import DenseMLP, GroupedExperts, activation_fn
+from tagmoe_dist.parallel import tensor as tp
+from tagmoe_dist.experts import DenseMLP, GroupedExperts
+from tagmoe_dist.kernels.activations import activation_fn
 from tests.dist_utils import run_distributed
 
 D, F_, E, K, S = 16, 8, 8, 2, 8

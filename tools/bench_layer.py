@@ -41,7 +41,8 @@ def _build(impl, E, K, F, ep):
     if impl == "tagmoe":
         import tagmoe_dist as tm
         cfg = tm.MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=F, num_experts=E, top_k=K,
-                           activation="gelu", norm_topk_prob=K > 1)
+                           activation="gelu", norm_topk_prob=K > 1,
+                           expert_kernel=os.environ.get("BENCH_EXPERT_KERNEL", "auto"))
         return tm.MoELayer(cfg, groups=tm.ParallelGroups.build(ep_size=ep)), None
     from deepspeed.moe.layer import MoE
     expert = nn.Sequential(nn.Linear(HIDDEN, F), nn.GELU(approximate="tanh"), nn.Linear(F, HIDDEN))
@@ -112,13 +113,16 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--impl", nargs="+", default=["tagmoe", "deepspeed", "dense"])
+    ap.add_argument("--kernel", default="auto", choices=["auto", "native", "grouped_mm", "torch"],
+                    help="MoEConfig.expert_kernel of the tagmoe layer")
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    os.environ["BENCH_EXPERT_KERNEL"] = a.kernel      # read by the child processes
     if a.child:
         impl, *nums = a.child
         return child(impl, *map(int, nums))
     print(f"one MoE layer, forward+backward, {TOKENS} tokens/rank, hidden {HIDDEN}, GELU experts, "
-          f"dropless, 1 thread/process, median of {a.runs}")
+          f"dropless, 1 thread/process, median of {a.runs}, tagmoe expert_kernel={a.kernel}")
     hdr = ("| shape | E | k | F | EP | " + " | ".join(f"{i} ms | {i} peak MB" for i in a.impl) +
            " | tagmoe/deepspeed | tagmoe/floor | deepspeed/floor |")
     print(hdr)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Communication/computation overlap of one MoE layer with EP=2, on two "hosts" joined by a
-rate-limited link (tagmoe_dist.netns: Linux network namespaces; loopback fallback, said so).
+rate-limited link (tagmoe_lab.netns: Linux network namespaces; loopback fallback, said so).
 
     python tools/bench_overlap.py                          # link rate chosen so comm ~ compute
     python tools/bench_overlap.py --rate-mbit 400 --chunks 2 4 8 auto --runs 9
@@ -18,7 +18,7 @@ interleaved round by round, so slow phases of a shared machine hit all of them a
 overlap efficiency = overlapped / max(communication, compute) (1.0 = communication fully hidden;
 target <= 1.15); speedup = sequential / overlapped. Whether overlap_chunks > 1 is implemented is
 detected by counting the all-to-alls a step issues: a layer that ignores the field issues as
-many as with overlap_chunks=1, and the table says so. The planner (tagmoe_dist.planner) predicts
+many as with overlap_chunks=1, and the table says so. The planner (tagmoe_lab.planner) predicts
 each row from rates measured in the same namespaces (measure_rates), and the table gives its
 relative error.
 """
@@ -56,7 +56,7 @@ def child(a: dict) -> None:
     from datetime import timedelta
 
     import tagmoe_dist as tm
-    from tagmoe_dist import planner
+    from tagmoe_lab import planner
 
     torch.set_num_threads(a["threads"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
@@ -99,8 +99,11 @@ def child(a: dict) -> None:
             dist.all_to_all_single(recv_buf, send_buf, out_s, in_s, group=group)
             dist.all_to_all_single(send_buf, recv_buf, in_s, out_s, group=group)
 
+    rows_R = torch.arange(x_RD.shape[0])
+    ones_R, counts_t = torch.ones(x_RD.shape[0]), torch.tensor(counts_L)
+
     def compute_step():
-        seq.experts(x_RD, counts_L).backward(g_RD)
+        seq.experts(x_RD, rows_R, ones_R, counts_t, counts_L).backward(g_RD)
 
     def layer_step(layer):
         def step():
@@ -187,7 +190,7 @@ def auto_rate_mbit(a) -> tuple:
     ts = []
     for _ in range(4):
         t0 = time.perf_counter()
-        ex(x, counts).sum().backward()
+        ex(x, torch.arange(rows), torch.ones(rows), torch.tensor(counts), counts).sum().backward()
         ts.append(time.perf_counter() - t0)
     compute_s = statistics.median(ts[1:])
     step_bytes = 4 * rows * a.hidden * 4 / 2          # 4 exchanges, half the rows leave the rank
@@ -199,7 +202,7 @@ def predict(res: dict, a, curve: bool = True) -> dict:
     """Planner predictions of every row from the rates measured in the namespaces: with the
     measured beta-by-size and two-in-flight curves, or (curve=False) the plain alpha-beta model
     with one beta (the largest probe's, about the layer's own message size)."""
-    from tagmoe_dist import planner
+    from tagmoe_lab import planner
     r = res["rates"]
     link = planner.Link(r["alpha_s"], r["beta_Bps"],
                         tuple(map(tuple, r["beta_curve"])) if curve else (),
@@ -307,7 +310,7 @@ def main(argv=None) -> int:
     a.chunks = [c if c == "auto" else int(c) for c in a.chunks]
     if a.experts % 2:
         ap.error("--experts must be even (EP=2)")
-    from tagmoe_dist.netns import NetnsCluster, NetnsUnavailable
+    from tagmoe_lab.netns import NetnsCluster, NetnsUnavailable
     if a.rate_mbit == "auto":
         rate, comp, nbytes = auto_rate_mbit(a)
         print(f"--rate-mbit auto: experts fwd+bwd take ~{comp * 1e3:.0f} ms here and a step "

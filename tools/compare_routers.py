@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tagmoe_dist.benchmark import Budget, VARIANTS, compare, get_workload  # noqa: E402
-from tagmoe_dist.benchmark import plots, summary  # noqa: E402
+from tagmoe_lab.benchmark import Budget, VARIANTS, compare, get_workload  # noqa: E402
+from tagmoe_lab.benchmark import plots, summary  # noqa: E402
 
 # Per-workload defaults: the whole default run (both workloads, 3 seeds x 3 variants) took 444 s on
 # the shared 2-core box (docs/results.md); the image DiT needs ~1000 steps at lr 4e-3 to learn its tasks.

@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tagmoe_dist.benchmark.compare import Budget, train_run  # noqa: E402
-from tagmoe_dist.benchmark.stats import paired  # noqa: E402
-from tagmoe_dist.benchmark.workloads import get_workload  # noqa: E402
+from tagmoe_lab.benchmark.compare import Budget, train_run  # noqa: E402
+from tagmoe_lab.benchmark.stats import paired  # noqa: E402
+from tagmoe_lab.benchmark.workloads import get_workload  # noqa: E402
 
 BUDGET = Budget(steps=250, batch_size=64, lr=3e-3, min_lr=3e-4, warmup_steps=30,
                 eval_per_task=64, eval_batch_size=64, log_every=25)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Run a command as N ranks, each on its own "host" (Linux network namespace) joined by links
-of a given bandwidth: a thin CLI over tagmoe_dist.netns.NetnsCluster (needs root; falls back to
+of a given bandwidth: a thin CLI over tagmoe_lab.netns.NetnsCluster (needs root; falls back to
 loopback, and says so, where namespaces cannot be created).
 
     python tools/netns_run.py -n 2 --rate-mbit 300 -- python my_gloo_script.py --rank {rank}
@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tagmoe_dist import netns  # noqa: E402
+from tagmoe_lab import netns  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Rank TP / EP / PP layouts and overlap chunk counts for an MoE model on a cluster, by the
-alpha-beta cost model of tagmoe_dist.planner (formulas in its module docstring).
+alpha-beta cost model of tagmoe_lab.planner (formulas in its module docstring).
 
     python tools/plan_parallelism.py --cluster configs/clusters/h100x8_ib400.yaml
     python tools/plan_parallelism.py --cluster configs/clusters/h100x8_single_node.yaml --top 10
@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tagmoe_dist import planner  # noqa: E402
+from tagmoe_lab import planner  # noqa: E402
 
 
 def _model(args, default):

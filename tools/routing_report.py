@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tagmoe_dist.benchmark.report import routing_report, summary_markdown  # noqa: E402
+from tagmoe_lab.benchmark.report import routing_report, summary_markdown  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 """python -m tagmoe_dist.dispatch: build the native EP = 1 CPU kernel now and say which kernel runs."""
 
-from tagmoe_dist.dispatch.native import main
+from tagmoe_dist.kernels.native import main
 
 raise SystemExit(main())

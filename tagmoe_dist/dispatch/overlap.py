@@ -4,6 +4,11 @@ flight while the experts compute another, in the forward *and* the backward pass
 Notation: T local tokens, D hidden, N rows this rank sends (kept choices, sorted by global expert),
 S EP ranks, L local experts, H first-projection width, C chunks, R rows received.
 
+Each chunk's experts run in the layer's expert kernel (kernels/base.py, passed in: the dispatcher
+never touches expert weights itself), called with the received rows, the regroup permutation as
+its row index and unit weights, so it reads rows in [source][expert] order, computes them grouped
+by expert, and writes its output straight back in send order.
+
 How chunks are cut (pure functions in permute.py): every (destination expert) block of the sorted
 send buffer, and correspondingly every (source rank, local expert) block of the receive side, is
 split into C near-equal parts with the same rule, so both sides derive every chunk's split sizes
@@ -26,70 +31,72 @@ from typing import Callable, List, Optional
 
 import torch
 
-from tagmoe_dist.dispatch import native
 from tagmoe_dist.dispatch import permute as P
 from tagmoe_dist.dispatch.alltoall import all_to_all_start
-from tagmoe_dist.dispatch.local import native_act_id, native_backward, native_forward
-from tagmoe_dist.experts import activation_backward
-
-
-def _blocks(counts: List[int]):
-    start = 0
-    for l, n in enumerate(counts):
-        if n:
-            yield l, start, n
-        start += n
+from tagmoe_dist.kernels import native
+from tagmoe_dist.kernels.base import ExpertGrads, ExpertKernel, ExpertWeights
 
 
 class _Chunk:
-    """Index plan of one chunk (all host-side sizes known)."""
+    """Index plan of one chunk: device index tensors and host split sizes."""
 
-    def __init__(self, send_rows: torch.Tensor, send_SL: torch.Tensor, recv_SL: torch.Tensor,
-                 device):
-        self.send_rows = send_rows.to(device)                   # rows of the sorted send buffer
-        self.in_splits = send_SL.sum(1).tolist()                # rows sent to each rank
-        self.out_splits = recv_SL.sum(1).tolist()               # rows received from each rank
-        R = sum(self.out_splits)
-        # [source][expert] -> [expert][source] and back
-        self.regroup = P.chunk_sort_index(recv_SL, R).to(device)
-        self.restore = P.chunk_sort_index(recv_SL.t().contiguous(), R).to(device)
-        self.counts_L = recv_SL.sum(0).tolist()
+    def __init__(self, send_rows, regroup, restore, in_splits: List[int], out_splits: List[int],
+                 counts_L: List[int], counts_L_dev: torch.Tensor):
+        self.send_rows = send_rows           # rows of the sorted send buffer in this chunk
+        self.regroup, self.restore = regroup, restore   # [source][expert] <-> [expert][source]
+        self.in_splits, self.out_splits = in_splits, out_splits   # rows sent to / received from each rank
+        self.counts_L, self.counts_L_dev = counts_L, counts_L_dev  # received rows per local expert
+        self.tok = self.w = None             # this rank's tokens / combine weights of the chunk
         self._ones = None
 
-    def ones_R(self) -> torch.Tensor:
-        """Unit combine weights for the received rows (the native kernel's w_N: the real
-        weights are applied by the sender, after the combine)."""
+    def ones_R(self, like: torch.Tensor) -> torch.Tensor:
+        """Unit combine weights for the received rows (the real weights are applied by the
+        sender, after the combine)."""
         if self._ones is None:
-            self._ones = torch.ones(self.regroup.numel(), device=self.regroup.device)
+            self._ones = like.new_ones(self.regroup.shape[0])
         return self._ones
 
 
-def plan_chunks(counts_E: torch.Tensor, recv_SL: torch.Tensor, num_chunks: int,
-                device=None) -> List[_Chunk]:
-    """Index plans of `num_chunks` chunks, from host-side (CPU) counts."""
+def _part(m: int, c: int, C: int) -> int:
+    """Part c of a count m split into C near-equal parts (the rule of permute.split_counts)."""
+    return m // C + (c < m % C)
+
+
+def plan_chunks(counts_E: torch.Tensor, recv_SL: torch.Tensor, host_counts_E: List[int],
+                host_recv_SL: List[List[int]], num_chunks: int) -> List[_Chunk]:
+    """Index plans of `num_chunks` chunks. Index tensors are computed on the counts' device from
+    the device counts; split sizes on the host from the host copies of the same counts (the one
+    host sync of the layer made them), so planning adds no sync."""
     S, L = recv_SL.shape
-    parts_CE = P.split_counts(counts_E, num_chunks)
-    parts_CSL = P.split_counts(recv_SL.reshape(-1), num_chunks).view(num_chunks, S, L)
+    C = num_chunks
+    parts_CE = P.split_counts(counts_E, C)
+    parts_CSL = P.split_counts(recv_SL.reshape(-1), C).view(C, S, L)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     offsets_CE = torch.cumsum(parts_CE, 0) - parts_CE
-    return [_Chunk(P.block_rows(starts_E + offsets_CE[c], parts_CE[c]),
-                   parts_CE[c].view(S, L), parts_CSL[c], device) for c in range(num_chunks)]
+    chunks = []
+    for c in range(C):
+        send = [[_part(host_counts_E[s * L + l], c, C) for l in range(L)] for s in range(S)]
+        recv = [[_part(host_recv_SL[s][l], c, C) for l in range(L)] for s in range(S)]
+        n_send, n_recv = sum(map(sum, send)), sum(map(sum, recv))
+        counts_L = [sum(recv[s][l] for s in range(S)) for l in range(L)]
+        chunks.append(_Chunk(
+            P.block_rows(starts_E + offsets_CE[c], parts_CE[c], total=n_send),
+            P.chunk_sort_index(parts_CSL[c], n_recv),
+            P.chunk_sort_index(parts_CSL[c].t().contiguous(), n_recv),
+            [sum(r) for r in send], [sum(r) for r in recv], counts_L, parts_CSL[c].sum(0)))
+    return chunks
 
 
 class ExpertParallelMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks: List[_Chunk], act: Callable, group,
-                shared: Optional[Callable], needs_grad: bool, max_rows: int):
+    def forward(ctx, x_TD, w_N, token_N, chunks: List[_Chunk], kernel: ExpertKernel,
+                activation: str, has_bias: bool, group, shared: Optional[Callable],
+                needs_grad: bool, max_rows: int, *weight_tensors):
+        weights = ExpertWeights.of(weight_tensors, activation, has_bias)
         ctx.needs_grad = needs_grad
         T, D = x_TD.shape
-        saved_x, saved_h, saved_a, saved_out = [], [], [], []
-        # CPU float32: each chunk's experts run in the native kernel (dispatch/local.py), which
-        # reads the received rows through the regroup index and writes its output straight into
-        # send order (restore is regroup's inverse), so no regrouped copies are made.
-        w1_LDH, w2_LFD = w1_LDH.contiguous(), w2_LFD.contiguous()
-        act_id = native_act_id(act, x_TD, w1_LDH, w2_LFD, w_N)
-        plans = []
         x_TD = x_TD.contiguous()
+        states, saved_out = [], []
         for ch in chunks:          # this rank's tokens and combine weights of each chunk's rows
             ch.tok, ch.w = token_N.index_select(0, ch.send_rows), w_N.index_select(0, ch.send_rows)
 
@@ -122,52 +129,28 @@ class ExpertParallelMoE(torch.autograd.Function):
                 inflight[c + 1] = dispatch(c + 1)
             recv_RD, work = inflight.pop(c)
             work.wait()
-            if act_id is not None:
-                o_send_RD, plan = native_forward(recv_RD, w1_LDH, w2_LFD, ch.ones_R(), ch.regroup,
-                                                 ch.counts_L, act_id, max_rows)
-                plans.append(plan)
-                saved_x.append(recv_RD)
-            else:
-                x_RD = recv_RD.index_select(0, ch.regroup)
-                h_RH = x_RD.new_empty(x_RD.shape[0], w1_LDH.shape[-1])
-                for l, a, n in _blocks(ch.counts_L):
-                    torch.mm(x_RD[a:a + n], w1_LDH[l], out=h_RH[a:a + n])
-                a_RF = act(h_RH)
-                o_RD = x_RD.new_empty(x_RD.shape)
-                for l, a, n in _blocks(ch.counts_L):
-                    torch.mm(a_RF[a:a + n], w2_LFD[l], out=o_RD[a:a + n])
-                o_send_RD = o_RD.index_select(0, ch.restore)
-                saved_x.append(x_RD)
-                saved_h.append(h_RH)
-                saved_a.append(a_RF)
+            o_send_RD, state = kernel.forward(recv_RD, weights, ch.ones_R(w_N), ch.regroup,
+                                              ch.counts_L_dev, ch.counts_L, max_rows)
+            states.append(state if needs_grad else None)
             combine = all_to_all_start(o_send_RD, ch.in_splits, ch.out_splits, group)
             if pending is not None:
                 scatter(*pending)
             pending = (c, *combine)
         if pending is not None:
             scatter(*pending)
-        ctx.save_for_backward(w1_LDH, w2_LFD, w_N, token_N, *saved_x, *saved_h, *saved_a, *saved_out)
-        ctx.chunks, ctx.act, ctx.group, ctx.T = chunks, act, group, T
-        ctx.plans = plans
+        ctx.save_for_backward(w_N, *saved_out)
+        ctx.chunks, ctx.group, ctx.T, ctx.kernel, ctx.states = chunks, group, T, kernel, states
+        ctx.weights = weights
         ctx.shared = (shared_in, shared_out)
         return y_TD
 
     @staticmethod
     def backward(ctx, gy_TD):
-        w1_LDH, w2_LFD, w_N, token_N, *rest = ctx.saved_tensors
-        C, plans = len(ctx.chunks), ctx.plans
-        if plans:                  # native chunks keep their h and u in the plans, not here
-            saved_x, saved_out = rest[:C], rest[C:]
-        else:
-            saved_x, saved_h, saved_a, saved_out = (rest[i * C:(i + 1) * C] for i in range(4))
-        chunks, act, group = ctx.chunks, ctx.act, ctx.group
+        w_N, *saved_out = ctx.saved_tensors
+        chunks, group, kernel, C = ctx.chunks, ctx.group, ctx.kernel, len(ctx.chunks)
         gy_TD = gy_TD.contiguous()
-        gx_TD = torch.zeros(ctx.T, gy_TD.shape[1], dtype=gy_TD.dtype, device=gy_TD.device)
-        if plans:                  # written by the chunks' first GEMMs, no zero-fill
-            gw1, gw2 = torch.empty_like(w1_LDH), torch.empty_like(w2_LFD)
-            seen_L = torch.zeros(w1_LDH.shape[0], dtype=torch.uint8)
-        else:
-            gw1, gw2 = torch.zeros_like(w1_LDH), torch.zeros_like(w2_LFD)
+        gx_TD = gy_TD.new_zeros(ctx.T, gy_TD.shape[1])
+        grads = ExpertGrads(ctx.weights)
         gw_N = torch.zeros_like(w_N)
 
         def send_grad(c):
@@ -187,41 +170,31 @@ class ExpertParallelMoE(torch.autograd.Function):
             gx_TD += shared_in.grad
             ctx.shared = (None, None)
         pending = None
-        for c, ch in enumerate(chunks):
+        for c in range(C):
             if c + 1 < C:
                 inflight[c + 1] = send_grad(c + 1)
             recv_RD, work = inflight.pop(c)
             work.wait()
-            if plans:
-                gx_send_RD, _ = native_backward(plans[c], saved_x[c], w1_LDH, w2_LFD, ch.ones_R(),
-                                                ch.regroup, recv_RD, gw1, gw2, seen_L,
-                                                finish=c == C - 1)
-            else:
-                go_RD = recv_RD.index_select(0, ch.regroup)
-                x_RD, h_RH, a_RF = saved_x[c], saved_h[c], saved_a[c]
-                ga_RF = a_RF.new_empty(a_RF.shape)
-                for l, a, n in _blocks(ch.counts_L):
-                    torch.mm(go_RD[a:a + n], w2_LFD[l].t(), out=ga_RF[a:a + n])
-                    gw2[l].addmm_(a_RF[a:a + n].t(), go_RD[a:a + n])
-                gh_RH = activation_backward(act, ga_RF, h_RH)
-                gx_RD = go_RD                               # reuse the regrouped buffer
-                for l, a, n in _blocks(ch.counts_L):
-                    torch.mm(gh_RH[a:a + n], w1_LDH[l].t(), out=gx_RD[a:a + n])
-                    gw1[l].addmm_(x_RD[a:a + n].t(), gh_RH[a:a + n])
-                gx_send_RD = gx_RD.index_select(0, ch.restore)
-            back = all_to_all_start(gx_send_RD, ch.in_splits, ch.out_splits, group)
+            grads.last = c == C - 1
+            gx_send_RD, _ = kernel.backward(ctx.states[c], recv_RD, grads)
+            ctx.states[c] = None
+            back = all_to_all_start(gx_send_RD, chunks[c].in_splits, chunks[c].out_splits, group)
             if pending is not None:
                 gather_back(*pending)
             pending = (c, *back)
         if pending is not None:
             gather_back(*pending)
-        return gx_TD, gw1, gw2, gw_N, None, None, None, None, None, None, None
+        wgrads = grads.finish() if C else tuple(torch.zeros_like(t) for t in ctx.weights.tensors())
+        return (gx_TD, gw_N) + (None,) * 9 + wgrads
 
 
-def expert_parallel_moe(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared=None,
+def expert_parallel_moe(x_TD, w_N, token_N, chunks, experts, group, shared=None,
                         max_rows: int = 1024):
     """Routed experts (+ the shared expert, if given, overlapped with the first exchange).
-    `max_rows`: rows per cached block inside the native kernel (the dispatcher's buffer size)."""
+    `experts`: the layer's expert module (its kernel computes each chunk). `max_rows`: rows per
+    cached block inside CPU kernels (the dispatcher's buffer size)."""
+    weights = experts.weights()
     # Inside forward() grad mode is off; whether a backward will come is decided out here.
-    return ExpertParallelMoE.apply(x_TD, w1_LDH, w2_LFD, w_N, token_N, chunks, act, group, shared,
-                                   torch.is_grad_enabled(), max_rows)
+    return ExpertParallelMoE.apply(x_TD, w_N, token_N, chunks, experts.kernel_for(x_TD),
+                                   weights.activation, weights.has_bias, group, shared,
+                                   torch.is_grad_enabled(), max_rows, *weights.tensors())

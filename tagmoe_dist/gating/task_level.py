@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from tagmoe_dist.config import MoEConfig
-from tagmoe_dist.experts import activation_fn
+from tagmoe_dist.kernels.activations import activation_fn
 from tagmoe_dist.gating.topk import TopKRouter
 from tagmoe_dist.tasks import TaskSchema
 

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tagmoe_dist.config import MoEConfig
-from tagmoe_dist.dispatch import native
-from tagmoe_dist.dispatch.permute import capacity_keep_mask, expert_capacity
+from tagmoe_dist.gating.capacity import capacity_keep_mask, expert_capacity
+from tagmoe_dist.kernels import native
 from tagmoe_dist.gating import losses
 
 

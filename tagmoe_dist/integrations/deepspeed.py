@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
-from tagmoe_dist.parallel import ParallelGroups
+from tagmoe_dist.parallel import ParallelGroups, hosts
 
 _DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 _DS_KEY = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w1|w2)$")
@@ -39,28 +39,10 @@ def _deepspeed():
     return deepspeed, groups
 
 
+# Reading DeepSpeed's groups is the host adapter's job (tagmoe_dist/parallel/hosts.py).
 def parallel_groups(ep_size: int = 1) -> ParallelGroups:
-    """ParallelGroups built from DeepSpeed's expert-parallel / expert-data-parallel groups
-    (creating them through DeepSpeed if this EP size has none yet), so that our all-to-all and
-    DeepSpeed's gradient reduction use the same groups."""
-    deepspeed, groups = _deepspeed()
-    import deepspeed.comm as dscomm
-    if not dscomm.is_initialized():
-        raise RuntimeError("call deepspeed.init_distributed() before ParallelGroups.from_deepspeed()")
-    world = dscomm.get_world_size()
-    if world % ep_size != 0:
-        raise ValueError(f"ep_size={ep_size} does not divide the world size {world}")
-    name = f"ep_size_{ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    ep_group = groups._get_expert_parallel_group(name)
-    return ParallelGroups(
-        ep_size=ep_size,
-        ep_rank=groups._get_expert_parallel_rank(name),
-        ep_group=ep_group if ep_size > 1 else None,
-        edp_group=groups._get_expert_data_parallel_group(name),
-        dp_group=groups._get_data_parallel_group(),
-    )
+    return ParallelGroups(**hosts.deepspeed_groups(ep_size))
+
 
 
 def _moe_base():

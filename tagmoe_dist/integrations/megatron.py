@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.gating.task_aware import TaskAlignment
 from tagmoe_dist.layer import MoELayer
-from tagmoe_dist.parallel import ParallelGroups
+from tagmoe_dist.parallel import ParallelGroups, hosts
 from tagmoe_dist.task_context import LayerTasks, TaskContext, inject_signature
 from tagmoe_dist.tasks import TaskSchema
 
@@ -57,32 +57,10 @@ def _megatron():
 # 1. process groups
 
 
+# Reading parallel_state is the host adapter's job (tagmoe_dist/parallel/hosts.py).
 def parallel_groups(sequence_parallel: bool = False) -> ParallelGroups:
-    """ParallelGroups from Megatron's parallel_state (after initialize_model_parallel)."""
-    ps, _ = _megatron()
-    if not ps.model_parallel_is_initialized():
-        raise RuntimeError("call megatron.core.parallel_state.initialize_model_parallel(...) "
-                           "before ParallelGroups.from_megatron()")
-    if ps.get_context_parallel_world_size() > 1:
-        raise ValueError("context_parallel_size > 1 is not supported by the tagmoe MoE layer "
-                         "(routing statistics would cover one sequence chunk only)")
-    tp, ep, etp = (ps.get_tensor_model_parallel_world_size(),
-                   ps.get_expert_model_parallel_world_size(),
-                   ps.get_expert_tensor_parallel_world_size())
-    pp = ps.get_pipeline_model_parallel_world_size()
-    return ParallelGroups(
-        ep_size=ep, ep_rank=ps.get_expert_model_parallel_rank(),
-        ep_group=ps.get_expert_model_parallel_group() if ep > 1 else None,
-        edp_group=ps.get_expert_data_parallel_group(),
-        dp_group=ps.get_data_parallel_group(with_context_parallel=True),
-        tp_size=tp, tp_rank=ps.get_tensor_model_parallel_rank(),
-        tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
-        etp_size=etp, etp_rank=ps.get_expert_tensor_parallel_rank(),
-        etp_group=ps.get_expert_tensor_parallel_group() if etp > 1 else None,
-        pp_size=pp, pp_rank=ps.get_pipeline_model_parallel_rank(),
-        pp_group=ps.get_pipeline_model_parallel_group() if pp > 1 else None,
-        sequence_parallel=bool(sequence_parallel) and tp > 1,
-    )
+    return ParallelGroups(**hosts.megatron_groups(sequence_parallel))
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,6 +218,8 @@ class DiT(MoEModelMixin, nn.Module):
             raise ValueError(f"DiT: instruction must be LongTensor [B, {cfg.instruction_len}], got "
                              f"{tuple(instruction.shape)}")
         task = task if self.uses_tasks else None
+        if task is not None:     # validated once per batch here, not in every MoE layer
+            task = self.task_schema.to_multi_hot(task, x_t.shape[0])
         x_BSD = self.patch_in(self.patchify(torch.cat([x_t, source], dim=1))) + self.pos
         slots_L = torch.arange(cfg.instruction_len, device=instruction.device)
         e_BLD = self.instr[slots_L, instruction]

@@ -162,6 +162,8 @@ class GPT(MoEModelMixin, nn.Module):
             raise ValueError(f"input has {S} positions but GPTConfig.seq_len={self.cfg.seq_len}; "
                              "raise seq_len or truncate the batch")
         task = task if self.uses_tasks else None
+        if task is not None:     # validated once per batch here, not in every MoE layer
+            task = self.task_schema.to_multi_hot(task, B)
         pos_S = torch.arange(S, device=input_ids_BS.device)
         x_BSD = self.wte(input_ids_BS) + self.wpe(pos_S)
         for block in self.blocks:

@@ -21,8 +21,8 @@ import torch
 
 from tagmoe_dist.analysis import (conditional_routing_entropy, heatmap_png, load_imbalance,
                                   routing_entropy, task_expert_mutual_information)
-from tagmoe_dist.benchmark.compare import evaluate
-from tagmoe_dist.benchmark.workloads import build_model, load_model_config, workload_for
+from tagmoe_lab.benchmark.compare import evaluate
+from tagmoe_lab.benchmark.workloads import build_model, load_model_config, workload_for
 
 
 def load_checkpoint(ckpt, config=None):
@@ -135,7 +135,7 @@ def routing_report(ckpt, out, config=None, eval_per_task: int = 64, batch_size: 
     if ev.align_acc is not None:
         summary["align_acc"] = ev.align_acc
     if samples > 0 and workload.name == "image":
-        from tagmoe_dist.benchmark.plots import image_samples
+        from tagmoe_lab.benchmark.plots import image_samples
         summary["pngs"].append(str(image_samples(model, out / f"{prefix}samples.png", samples)))
     (out / f"{prefix}routing.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -10,8 +10,8 @@ from typing import List, Sequence
 import torch
 
 from tagmoe_dist.analysis import task_expert_mutual_information
-from tagmoe_dist.benchmark.compare import RunResult
-from tagmoe_dist.benchmark.summary import by_variant
+from tagmoe_lab.benchmark.compare import RunResult
+from tagmoe_lab.benchmark.summary import by_variant
 
 
 def _figure(w: float, h: float):

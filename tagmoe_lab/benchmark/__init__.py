@@ -6,8 +6,8 @@
 - `report`: routing report of one checkpoint (heat maps, entropy, load over time, MI).
 """
 
-from tagmoe_dist.benchmark.compare import Budget, RunResult, compare, evaluate, train_run
-from tagmoe_dist.benchmark.workloads import VARIANTS, Workload, get_workload, load_model_config
+from tagmoe_lab.benchmark.compare import Budget, RunResult, compare, evaluate, train_run
+from tagmoe_lab.benchmark.workloads import VARIANTS, Workload, get_workload, load_model_config
 
 __all__ = ["Budget", "RunResult", "VARIANTS", "Workload", "compare", "evaluate", "get_workload",
            "load_model_config", "train_run"]

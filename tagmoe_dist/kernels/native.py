@@ -1,4 +1,4 @@
-"""The native EP = 1 CPU kernel (csrc/moe_cpu.c): build on first use, load, call.
+"""The native CPU kernel's library (csrc/moe_cpu.c): build on first use, load, call.
 
 The kernel is plain C with no torch headers, so it compiles in about a second with the system C
 compiler (no ninja, no pybind11) and is loaded with ctypes. It is built for this machine's CPU
@@ -10,11 +10,11 @@ that torch itself links (looked up in libtorch_cpu), so results use the same BLA
 `python -m tagmoe_dist.dispatch` builds it now and says which kernel runs.
 
 When anything is missing (no C compiler, a torch without an exported `sgemm_`, a dtype other
-than float32) the layer uses the pure PyTorch kernel of dispatch/local.py, which computes the
-same thing; TAGMOE_NATIVE=0 forces that path. `status()` says which one runs and why.
+than float32) `MoEConfig.expert_kernel="auto"` uses the plain PyTorch kernel
+(kernels/torch_kernel.py), which computes the same thing; `expert_kernel="torch"` chooses it
+explicitly. `status()` says whether the library loads and why not.
 
 Environment:
-  TAGMOE_NATIVE=0            do not build or use the native kernel
   TAGMOE_NATIVE_DIR=DIR      where built libraries are kept (default: $TORCH_EXTENSIONS_DIR/
                              tagmoe_native, else ~/.cache/tagmoe_dist/native)
   CC                         the C compiler (default: cc, then gcc, then clang)
@@ -36,7 +36,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "moe_cpu.c"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "moe_cpu.c"
 # -fno-trapping-math lets the compiler vectorise the activation loops (no FP exceptions are
 # relied on); -march=native is why the cache key includes the CPU.
 CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
@@ -153,14 +153,11 @@ def library() -> Optional[ctypes.CDLL]:
     with _lock:
         if _tried:
             return _lib
-        if os.environ.get("TAGMOE_NATIVE", "1") == "0":
-            _reason = "disabled by TAGMOE_NATIVE=0"
-        else:
-            try:
-                _lib = _load()
-            except Exception as exc:  # noqa: BLE001 - any failure means: use the torch kernel
-                _reason = f"native CPU kernel unavailable ({exc}); using the PyTorch kernel"
-                warnings.warn(f"tagmoe_dist: {_reason}", RuntimeWarning, stacklevel=3)
+        try:
+            _lib = _load()
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the torch kernel
+            _reason = f"native CPU kernel unavailable ({exc}); using the PyTorch kernel"
+            warnings.warn(f"tagmoe_dist: {_reason}", RuntimeWarning, stacklevel=3)
         _tried = True
     return _lib
 
@@ -187,8 +184,8 @@ def plan_tensors(chunks: List[Tuple[int, int, list]]) -> Tuple[torch.Tensor, tor
         first = len(piece_rows)
         piece_rows.extend((e, start + off, n) for e, off, n in pieces)
         chunk_rows.append((start, stop, first, len(piece_rows)))
-    return (torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 4),
-            torch.tensor(piece_rows, dtype=torch.int64).reshape(-1, 3))
+    return (torch.tensor(chunk_rows, dtype=torch.int64, device="cpu").reshape(-1, 4),
+            torch.tensor(piece_rows, dtype=torch.int64, device="cpu").reshape(-1, 3))
 
 
 TOPK_MAX = 256            # the C kernel's per-row buffer
@@ -201,7 +198,7 @@ def topk_ids(scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
             or k > scores.shape[-1] or library() is None):
         return None
     s = scores.detach().reshape(-1, scores.shape[-1]).contiguous()
-    ids = torch.empty(s.shape[0], k, dtype=torch.int64)
+    ids = torch.empty(s.shape[0], k, dtype=torch.int64, device=s.device)
     _lib.tm_topk(s.data_ptr(), s.shape[0], s.shape[1], k, ids.data_ptr())
     return ids.view(*scores.shape[:-1], k)
 

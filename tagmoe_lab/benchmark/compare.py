@@ -29,7 +29,7 @@ import torch
 
 from tagmoe_dist.analysis import (RoutingStats, heatmap_figure, routing_entropy,
                                   task_expert_mutual_information)
-from tagmoe_dist.benchmark.workloads import VARIANTS, Workload
+from tagmoe_lab.benchmark.workloads import VARIANTS, Workload
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ are contiguous blocks of ranks and expert-data-parallel groups are strided, as i
 
 Every group is created with a timeout so that a lost peer fails the job instead of hanging it.
 Adapters that read host globals (DeepSpeed's `groups`, Megatron's `parallel_state`) live in
-`tagmoe_dist.integrations` and return this same object.
+`hosts.py` beside this file and return this same object.
 """
 
 from __future__ import annotations
@@ -90,16 +90,16 @@ class ParallelGroups:
         """Reuse DeepSpeed's expert-parallel and expert-data-parallel groups (after
         deepspeed.init_distributed), so DeepSpeed's engine reduces expert gradients over the
         same groups our all-to-all uses."""
-        from tagmoe_dist.integrations.deepspeed import parallel_groups
-        return parallel_groups(ep_size)
+        from tagmoe_dist.parallel.hosts import deepspeed_groups
+        return cls(**deepspeed_groups(ep_size))
 
     @classmethod
     def from_megatron(cls, sequence_parallel: bool = False) -> "ParallelGroups":
         """Megatron-core's TP, PP, DP, EP, expert-TP and expert-DP groups (after
         `parallel_state.initialize_model_parallel`); `sequence_parallel` is
         TransformerConfig.sequence_parallel, which parallel_state does not hold."""
-        from tagmoe_dist.integrations.megatron import parallel_groups
-        return parallel_groups(sequence_parallel=sequence_parallel)
+        from tagmoe_dist.parallel.hosts import megatron_groups
+        return cls(**megatron_groups(sequence_parallel=sequence_parallel))
 
     @property
     def edp_size(self) -> int:

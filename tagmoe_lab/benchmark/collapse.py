@@ -2,7 +2,7 @@
 workload and watch the collapse monitor (min pairwise 1 - cos of the five tasks' targets), the
 alignment loss, and the nearest-target accuracy on mixed-task evaluation batches.
 
-    python -m tagmoe_dist.benchmark.collapse --targets learned,detached,orthogonal --seeds 0,1,2
+    python -m tagmoe_lab.benchmark.collapse --targets learned,detached,orthogonal --seeds 0,1,2
 
 The paper-literal target (`learned`) collapses: every task's target turns parallel, L_align -> 0,
 and the accuracy stays at chance. A collapse-safe target keeps them apart (docs/results.md).
@@ -18,8 +18,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from tagmoe_dist.benchmark.compare import Budget, evaluate, lr_at, param_groups
-from tagmoe_dist.benchmark.workloads import text_workload
+from tagmoe_lab.benchmark.compare import Budget, evaluate, lr_at, param_groups
+from tagmoe_lab.benchmark.workloads import text_workload
 from tagmoe_dist.models.gpt import GPT, GPTConfig
 
 SMALL = dict(vocab_size=260, seq_len=24, n_layer=2, n_head=2, d_model=32,

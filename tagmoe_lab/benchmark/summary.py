@@ -8,7 +8,7 @@ import statistics
 from collections import Counter
 from typing import Dict, List, Sequence
 
-from tagmoe_dist.benchmark.compare import RunResult
+from tagmoe_lab.benchmark.compare import RunResult
 
 
 def _mean_std(xs: Sequence[float]) -> tuple:
