@@ -226,6 +226,10 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
     model = GPT(cfg, groups=groups, task_schema=schema).to(device)
+    if model.alignment is not None and train["data"] == "synthetic":
+        # TAG accuracy and collapse monitor against the targets of every built-in task
+        from tagmoe_dist.data.synthetic import TEXT_TASKS
+        model.alignment.set_candidates([dict(t.descriptor) for t in TEXT_TASKS])
     if not cfg.is_dense:
         tds.prepare_model(model)
     # overlap_chunks="auto": rates measured once here, never inside forward (collective)

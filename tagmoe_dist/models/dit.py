@@ -134,7 +134,9 @@ class DiTBlock(nn.Module):
         if cfg.is_moe_layer(index):
             self.ffn = MoELayer(m, groups=groups, task_schema=schema, alignment=alignment)
         else:
-            self.ffn = DenseMLP(D, cfg.dense_ffn_size, m.activation, m.init_std)
+            # biased like the experts when they are (the paper's FFNs have biases)
+            self.ffn = DenseMLP(D, cfg.dense_ffn_size, m.activation, m.init_std,
+                                bias=m.expert_mlp_bias)
         # adaLN-Zero: shift/scale/gate of both sublayers from c, zero-initialised (identity block)
         self.ada = nn.Linear(D, 6 * D)
         nn.init.zeros_(self.ada.weight)

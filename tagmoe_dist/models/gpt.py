@@ -105,7 +105,8 @@ class Block(nn.Module):
         if cfg.is_moe_layer(index):
             self.ffn = MoELayer(m, groups=groups, task_schema=schema, alignment=alignment)
         else:
-            self.ffn = DenseMLP(cfg.d_model, cfg.dense_ffn_size, m.activation, m.init_std)
+            self.ffn = DenseMLP(cfg.d_model, cfg.dense_ffn_size, m.activation, m.init_std,
+                                bias=m.expert_mlp_bias)
 
     def forward(self, x_BSD: torch.Tensor, task: Optional[torch.Tensor]) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.ln_1(x_BSD))

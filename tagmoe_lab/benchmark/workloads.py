@@ -173,10 +173,35 @@ def _image_eval(data: dict, per_task: int, batch: int) -> List[dict]:
     return out
 
 
+# The five image tasks under the TAG-MoE paper's 18-tag schema (configs/tasks/tagmoe_paper.yaml),
+# for configs/models/tagmoe_paper_dit.yaml: the nearest of the paper's tags, per tier.
+PAPER_IMAGE_TAGS = {
+    "generate": {"scope": "generation"},
+    "recolour": {"scope": "local_edit", "type": ["attribute"],
+                 "preservation": ["structure", "background"]},
+    "move": {"scope": "local_edit", "type": ["object", "pose"],
+             "preservation": ["background", "identity"]},
+    "remove": {"scope": "local_edit", "type": ["object"], "preservation": ["background"]},
+    "inpaint": {"scope": "local_edit", "type": ["background"], "preservation": ["structure"]},
+}
+PAPER_SCHEMA_YAML = REPO_ROOT / "configs" / "tasks" / "tagmoe_paper.yaml"
+
+
+def image_tag_table(schema: TaskSchema) -> torch.Tensor:
+    """Multi-hot [5, N] of the image tasks under the image schema or the paper's."""
+    paper = schema == TaskSchema.from_yaml(PAPER_SCHEMA_YAML)
+    table = PAPER_IMAGE_TAGS if paper else IMAGE_TASK_DESCRIPTORS
+    return schema.multi_hot([table[n] for n in IMAGE_TASK_NAMES])
+
+
 def _image_loss(model, batch) -> torch.Tensor:
+    """Tags under the model's own schema (the image tasks' or the paper's)."""
+    schema = getattr(model, "task_schema", None)
+    task = None
+    if schema is not None:
+        task = image_tag_table(schema).to(batch["task_index"].device).index_select(0, batch["task_index"])
     return flow_matching_loss(model, batch["target"], batch["source"], batch["instruction"],
-                              batch["noise"], batch["t"], task=batch["task_multi_hot"],
-                              per_sample=True)
+                              batch["noise"], batch["t"], task=task, per_sample=True)
 
 
 def image_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict] = None) -> Workload:
@@ -186,7 +211,8 @@ def image_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict
                     configs or {v: f"configs/models/dit_{v}.yaml" for v in VARIANTS},
                     functools.partial(_image_train, data), functools.partial(_image_eval, data),
                     _image_loss, lambda b: None,
-                    tuple(dict(IMAGE_TASK_DESCRIPTORS[n]) for n in IMAGE_TASK_NAMES))
+                    tuple(dict(IMAGE_TASK_DESCRIPTORS[n]) for n in IMAGE_TASK_NAMES),
+                    image_tag_table, schema_from_config=True)
 
 
 # ---------------------------------------------------------------------- interference
