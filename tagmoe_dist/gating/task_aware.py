@@ -118,8 +118,9 @@ class TaskAlignment(nn.Module):
             self.tag_embed = nn.Parameter(torch.randn(N, P) / P ** 0.5)
         self.predictor = nn.Sequential(
             nn.Linear(cfg.num_experts, H), nn.GELU(), nn.Linear(H, H), nn.GELU(), nn.Linear(H, P))
-        # the tag sets of all tasks (multi-hot [C, N]); set by the user, not saved in checkpoints
-        self.register_buffer("candidates_CN", torch.zeros(0, N), persistent=False)
+        # the tag sets of all tasks (multi-hot [C, N]), set by the user; not a buffer: it is no
+        # part of the model's state (checkpoints, DeepSpeed buffer lists), it moves on first use
+        self.candidates_CN = torch.zeros(0, N)
         self.last_stats: Dict[str, torch.Tensor] = {}
         self._sum_BE: Optional[torch.Tensor] = None
         self._num_layers = 0
@@ -136,7 +137,7 @@ class TaskAlignment(nn.Module):
         mh_CN = torch.unique(mh_CN[mh_CN.sum(1) > 0], dim=0)
         if mh_CN.shape[0] == 0:
             raise ValueError("TaskAlignment.set_candidates: no annotated tag set given")
-        self.candidates_CN = mh_CN.to(self.candidates_CN.device)
+        self.candidates_CN = mh_CN
 
     # ------------------------------------------------------------------ model-wide pooling
     def add(self, signature_BE: torch.Tensor, task_BN: torch.Tensor) -> None:
@@ -182,6 +183,8 @@ class TaskAlignment(nn.Module):
         return loss, acc
 
     def _monitor_candidates(self, pred_BP, task_BN, mask_B):
+        if self.candidates_CN.device != task_BN.device:       # once: a host copy, not per step
+            self.candidates_CN = self.candidates_CN.to(task_BN.device)
         cand_CN = self.candidates_CN.to(task_BN.dtype)
         target_CP = self.targets(cand_CN)
         sim_BC = F.normalize(pred_BP, dim=-1) @ F.normalize(target_CP, dim=-1).t()
