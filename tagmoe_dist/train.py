@@ -301,6 +301,11 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
     with tds.build_context(ds_config):      # ZeRO-3: partitioned as it is built (zero3.py)
         model = build_model(cfg, groups, schema).to(device)
+    alignment = getattr(model, "alignment", None)
+    if alignment is not None and train["data"] == "synthetic" and not hasattr(cfg, "build_data"):
+        # TAG accuracy and collapse monitor against the targets of every built-in task
+        from tagmoe_dist.data.synthetic import TEXT_TASKS
+        alignment.set_candidates([dict(t.descriptor) for t in TEXT_TASKS])
     if not cfg.is_dense:
         tds.prepare_model(model, ds_config)
     # overlap_chunks="auto": rates measured once here, never inside forward (collective)
