@@ -154,6 +154,7 @@ def moe_config_from_megatron(config, **overrides) -> MoEConfig:
         drop_policy=config.moe_token_drop_policy,
         aux_loss_coeff=0.0 if balancing == "none" else aux_coeff,
         aux_loss_type="seq" if balancing == "seq_aux_loss" else "micro_batch",
+        aux_loss_reduction="sum",       # Megatron applies the coefficient in every MoE layer
         z_loss_coeff=float(config.moe_z_loss_coeff or 0.0),
         expert_bias=config.moe_router_enable_expert_bias,
         expert_bias_update_rate=config.moe_router_bias_update_rate,
@@ -263,6 +264,7 @@ class MegatronMoE(nn.Module):
         last MoE layer owns the alignment head (W_tag and H_pred) and computes L_align."""
         self.layer_number = layer_number
         pattern = moe_layer_pattern(self.config)
+        self.moe.num_moe_layers = max(1, sum(pattern))     # MoEConfig.aux_loss_reduction='mean'
         last = max((i + 1 for i, m in enumerate(pattern) if m), default=None)
         if self.cfg.router == "task_aware" and layer_number == last and self.alignment_head is None:
             if self.groups.pp_rank != self.groups.pp_size - 1:
