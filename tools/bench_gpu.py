@@ -16,7 +16,7 @@ top-k routing renormalised over the k chosen, a load-balancing loss where the la
 token dropping. Every implementation gets the same input; each routes with its own router
 weights, so loads differ slightly between them. Times: median of --runs steps after --warmup,
 CUDA events around forward + backward. Memory: peak allocated during the timed steps, and the
-allocation before them (weights + input). One process, one implementation after another, cache
+allocation before them (weights, their gradients, the input). One process, one implementation after another, cache
 emptied in between. Prints a markdown table and a JSON report (also to --json).
 """
 

@@ -48,8 +48,7 @@ def _tensor(key: str, t: torch.Tensor, offsets, prepend: int, tp: Optional[Tuple
     the global axes; `tp` = (axis of t, rank, size) of its tensor-parallel cut, or None."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     if tp is None or tp[2] == 1:
-        extra = () if tp is None else ((tp[0] + prepend, 0, 1),)
-        return ShardedTensor.from_rank_offsets(key, t, *offsets, *extra, replica_id=replica_id,
+        return ShardedTensor.from_rank_offsets(key, t, *offsets, replica_id=replica_id,
                                                prepend_axis_num=prepend)
     axis, rank, size = tp
     if not gated:
@@ -92,7 +91,8 @@ def sharded_state_dict(layer: MoELayer, prefix: str = "", sharded_offsets: tuple
 
     def replicated(key, t):
         return make_sharded_tensor_for_checkpoint(t, key, sharded_offsets,
-                                                  replica_id=(0, g.tp_rank, dp_rank))
+                                                  replica_id=(0, g.tp_rank, dp_rank),
+                                                  dp_cp_group=metadata["dp_cp_group"])
 
     out: Dict[str, object] = {}
     for name, t in layer.state_dict(prefix="", keep_vars=True).items():
