@@ -221,6 +221,13 @@ def table(results, shapes) -> str:
     return "\n".join(lines)
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -246,7 +253,7 @@ def main() -> int:
     shapes = {k: shapes[k] for k in a.shapes}
     # Megatron's parallel_state and DeepSpeed's groups need a (one-rank) process group
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29591")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))   # one process
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

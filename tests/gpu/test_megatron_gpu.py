@@ -33,6 +33,13 @@ def test_megatron_gpt_on_gpu_matches_megatron_moe():
     assert report["ok"], report
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT))
     import argparse
@@ -42,7 +49,7 @@ def main() -> int:
                     help="on CPU with gloo, Megatron's CUDA calls under the test shim tests/megatron_cpu.py")
     smoke = ap.parse_args().cpu_smoke
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29571")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))   # one process
     if smoke:
         from tests.megatron_cpu import patch
         patch()
