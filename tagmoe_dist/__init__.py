@@ -13,8 +13,9 @@ __all__ = ["AuxLossAutoScaler", "MoEConfig", "MoELayer", "ParallelGroups", "Task
 
 
 def __getattr__(name):
-    # tm.diffusers imports diffusers: only when first used (docs/diffusion.md)
-    if name == "diffusers":
+    # tm.hf imports transformers, tm.diffusers imports diffusers: only when first used
+    if name in ("hf", "diffusers"):
         import importlib
-        return importlib.import_module("tagmoe_dist.integrations.diffusers")
+        return importlib.import_module("tagmoe_dist.hf" if name == "hf"
+                                       else "tagmoe_dist.integrations.diffusers")
     raise AttributeError(f"module 'tagmoe_dist' has no attribute {name!r}")
