@@ -93,7 +93,7 @@ def test_model_config_errors(tmp_path):
             with pytest.raises(ValueError, match=match):
                 DiffusersModelConfig(**d)
         else:            # a block index is checked against the built model, before conversion
-            with pytest.raises(ValueError, match="block index 7 is out of range"):
+            with pytest.raises(ValueError, match="layer index 7 is out of range"):
                 DiffusersModelConfig(**d).build_model(None, SCHEMA)
 
 
