@@ -34,9 +34,12 @@ def exact_match_B(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def evaluate(engine, model, sets, collate, device,
-             progress: Optional[Callable[[str], None]] = None
+             progress: Optional[Callable[[str], None]] = None,
+             logits_fn: Optional[Callable[[dict], torch.Tensor]] = None
              ) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """({task: loss}, {task: exact-match fraction}) on each held-out set, one batch per task."""
+    """({task: loss}, {task: exact-match fraction}) on each held-out set, one batch per task.
+    `logits_fn(batch)`: the model's logits for a collated batch (default: the reference GPT's
+    `engine(input_ids, task=...)`; Hugging Face models also take the attention mask)."""
     model.eval()
     losses, exact = {}, {}
     try:
@@ -44,7 +47,8 @@ def evaluate(engine, model, sets, collate, device,
             if progress is not None:
                 progress(f"evaluating {name}")
             batch = collate([ds[i] for i in range(len(ds))])
-            logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
+            logits = (logits_fn(batch) if logits_fn is not None else
+                      engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device)))
             labels = batch["labels"].to(device)
             losses[name] = float(lm_loss(logits, labels))
             exact[name] = float(exact_match_B(logits, labels).double().mean())

@@ -41,7 +41,7 @@ class MetricLogger:
         self._zero = lambda: {
             "loss_sum_K": torch.zeros(K), "count_K": torch.zeros(K),
             "routing_LKE": torch.zeros(L, K, E), "aux_L2": torch.zeros(L, len(_AUX)),
-            "align_2": torch.zeros(2), "entropy_L": torch.zeros(L), "dropped_L": torch.zeros(L),
+            "align_3": torch.zeros(3), "entropy_L": torch.zeros(L), "dropped_L": torch.zeros(L),
             "n": torch.zeros(1)}
         self.acc = self._zero()
         self.tokens, self.seconds = 0, 0.0
@@ -74,7 +74,10 @@ class MetricLogger:
             a["dropped_L"][i] += float(st.get("dropped_fraction", 0.0))
         align = getattr(self.model, "last_align", {}) or {}
         if align:
-            a["align_2"] += torch.tensor([float(align["loss"]), float(align["acc"])])
+            # the collapse monitor (min pairwise 1 - cos of the task targets), when the host has it
+            dist_ = float(align.get("target_min_dist", 0.0))
+            a["align_3"] += torch.tensor([float(align["loss"]), float(align["acc"]),
+                                          dist_ if dist_ == dist_ else 0.0])      # NaN: no pair
         a["n"] += 1
 
     def step_done(self, step: int, loss: float, tokens: int, seconds: float, log: bool) -> None:
@@ -139,9 +142,10 @@ class MetricLogger:
             mi = sum(task_expert_mutual_information(a["routing_LKE"][i])
                      for i in range(len(self.layers))) / len(self.layers)
             w.add_scalar("moe/task_expert_mi/mean", mi, step)
-        if a["align_2"].any():
-            w.add_scalar("moe/align_loss", float(a["align_2"][0]) / n, step)
-            w.add_scalar("moe/align_accuracy", float(a["align_2"][1]) / n, step)
+        if a["align_3"].any():
+            w.add_scalar("moe/align_loss", float(a["align_3"][0]) / n, step)
+            w.add_scalar("moe/align_accuracy", float(a["align_3"][1]) / n, step)
+            w.add_scalar("moe/align_target_min_dist", float(a["align_3"][2]) / n, step)
         tasks = "  ".join(f"{k} {v:.3f}" for k, v in per_task.items())
         self.message(f"step {step}: loss {total:.3f} | {tasks}")
 
