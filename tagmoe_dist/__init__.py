@@ -13,8 +13,9 @@ __all__ = ["AuxLossAutoScaler", "MoEConfig", "MoELayer", "ParallelGroups", "Task
 
 
 def __getattr__(name):
-    # tm.hf imports transformers: only when first used
-    if name == "hf":
+    # tm.hf imports transformers, tm.diffusers imports diffusers: only when first used
+    if name in ("hf", "diffusers"):
         import importlib
-        return importlib.import_module("tagmoe_dist.hf")
+        return importlib.import_module("tagmoe_dist.hf" if name == "hf"
+                                       else "tagmoe_dist.integrations.diffusers")
     raise AttributeError(f"module 'tagmoe_dist' has no attribute {name!r}")

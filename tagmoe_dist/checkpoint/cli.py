@@ -22,7 +22,8 @@ def main(argv=None, exporters: Optional[Dict[str, Callable]] = None) -> int:
     ex = sub.add_parser("export", help="consolidate a checkpoint (all expert-parallel ranks) into "
                                        "one global fp32 state dict file",
                         description=consolidate.__doc__)
-    ex.add_argument("--ckpt", required=True, help="checkpoint root (the directory holding 'latest')")
+    ex.add_argument("--ckpt", required=True, help="checkpoint root (the directory holding 'latest'), "
+                                                  "one of its step_N directories, or the run directory")
     ex.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_100 (default: 'latest')")
     ex.add_argument("--out", required=True, help="output file: .safetensors or .pt; with "
                                                  "--format hf, a directory")
@@ -37,10 +38,14 @@ def main(argv=None, exporters: Optional[Dict[str, Callable]] = None) -> int:
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         ap.error(f"--out {out}: use a .safetensors or .pt file name")
+    ckpt = Path(args.ckpt).resolve()
+    if ckpt == out.resolve() or ckpt in out.resolve().parents:
+        ap.error(f"--out {out} lies inside --ckpt {args.ckpt}; write the export outside the "
+                 "checkpoint it reads")
     try:
         sd = consolidate(args.ckpt, args.tag)
         (save_safetensors if out.suffix == ".safetensors" else save_torch)(sd, out)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     numel = sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
