@@ -5,9 +5,10 @@ gloo/CPU, each checked against ZeRO-2 computed in the same spawn.
      dense parameters; and the plain top-k router), AdamW + gradient clipping, 20 steps: every
      rank's per-step loss under ZeRO-3 equals ZeRO-2's within 1e-6 relative, at EP=2 on 2
      processes and EP=2 x expert-data-parallel 2 on 4 processes.
-  b. Memory and placement: this rank's parameter, fp32-master and Adam bytes read from the engine's ZeRO-3
-     partitions equal the whole tensors divided by the data-parallel size (dense) and the
-     expert-data-parallel size (experts), up to ZeRO's padding.
+  b. Memory and placement: this rank's parameter, fp32-master and Adam bytes read from the
+     engine's ZeRO-3 partitions equal the whole tensors divided by the data-parallel size (dense)
+     and the expert-data-parallel size (experts), up to ZeRO's padding; each parameter is
+     scattered over the right group, the blocks' already while the model is built.
   c. Rank-skipping experts: routing forced (aux-loss-free bias) onto rank 0's experts, so rank 1's
      experts receive no token; ZeRO-3 with prefetching still steps (the process group timeout
      turns a hang into a failure) and equals ZeRO-2.
