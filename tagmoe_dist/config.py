@@ -7,6 +7,7 @@ internal invariants only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Union
 
 ROUTERS = ("topk", "task_aware", "task_level")
@@ -15,6 +16,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 INPUT_LAYOUTS = ("bsh", "sbh", "th")
 DROP_POLICIES = ("probs", "position")
 AUX_LOSS_TYPES = ("micro_batch", "seq")
+AUX_LOSS_REDUCTIONS = ("mean", "sum")
 TASK_CONDITIONING = ("none", "add", "concat")
 ALIGN_TARGETS = ("learned", "detached", "orthogonal")
 ALIGN_LOSSES = ("cosine", "contrastive")
@@ -58,6 +60,9 @@ class MoEConfig:
     min_capacity: int = 1
     aux_loss_coeff: float = 0.01
     aux_loss_type: str = "micro_batch"        # micro_batch | seq (per sequence, DeepSeek-V2 style)
+    # load-balancing loss over a model's MoE layers: mean (MegaBlocks, the TAG-MoE paper's code
+    # base) or sum (Megatron-core); the model tells each layer how many MoE layers it has
+    aux_loss_reduction: str = "mean"
     z_loss_coeff: float = 0.0
     expert_bias: bool = False                 # aux-loss-free balancing (DeepSeek-V3)
     expert_bias_update_rate: float = 1e-3
@@ -68,7 +73,9 @@ class MoEConfig:
     align_loss_coeff: float = 0.05
     align_dim: int = 512                      # D of the tag embedding W_tag
     align_hidden: int = 256                   # width of the predictor MLP H_pred
-    align_target: str = "learned"             # learned | detached | orthogonal
+    # orthogonal (fixed, collapse-safe) | detached (stop-gradient) | learned (the paper as
+    # written; its loss collapses: docs/results.md)
+    align_target: str = "orthogonal"
     align_loss: str = "cosine"                # cosine (paper) | contrastive
     align_temperature: float = 0.1
     # experts
@@ -90,6 +97,10 @@ class MoEConfig:
     debug_checks: bool = False                # host-syncing checks (non-finite logits)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):   # NaN passes every comparison below: refuse it first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"MoEConfig.{f.name}={value} is not a finite number")
         for f in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "min_capacity",
                   "task_embed_dim", "align_dim", "align_hidden"):
             _positive_int(f, getattr(self, f))
@@ -102,6 +113,7 @@ class MoEConfig:
         _choice("input_layout", self.input_layout, INPUT_LAYOUTS)
         _choice("drop_policy", self.drop_policy, DROP_POLICIES)
         _choice("aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
+        _choice("aux_loss_reduction", self.aux_loss_reduction, AUX_LOSS_REDUCTIONS)
         _choice("task_conditioning", self.task_conditioning, TASK_CONDITIONING)
         _choice("align_target", self.align_target, ALIGN_TARGETS)
         _choice("align_loss", self.align_loss, ALIGN_LOSSES)
@@ -158,3 +170,45 @@ class MoEConfig:
         if unknown:
             raise ValueError(f"unknown MoEConfig field(s) {unknown}; valid fields: {sorted(names)}")
         return cls(**d)
+
+
+def parse_moe_layers(spec: Any, num_layers: int, field: str = "moe_layers") -> list:
+    """Which of a model's `num_layers` blocks (0-based) have an MoE FFN, sorted.
+
+    spec: a list of block indices (negative ones count from the end, as in Python), "last:K"
+    (the last K blocks: the TAG-MoE paper's 10 of 60), "all", or "none". Errors name `field`.
+    """
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise ValueError(f"{field}: the model needs a positive number of layers, got {num_layers!r}")
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "all":
+            return list(range(num_layers))
+        if s == "none":
+            return []
+        if s.startswith("last:"):
+            try:
+                k = int(s[5:])
+            except ValueError:
+                k = -1
+            if not 0 <= k <= num_layers:
+                raise ValueError(f"{field}={spec!r}: 'last:K' needs an integer K in 0..{num_layers} "
+                                 f"(the model has {num_layers} layers)")
+            return list(range(num_layers - k, num_layers))
+        raise ValueError(f"{field}={spec!r} is not understood: give a list of layer indices, "
+                         "'last:K', 'all' or 'none'")
+    if not isinstance(spec, (list, tuple)):
+        raise ValueError(f"{field} must be a list of layer indices or a string ('last:K', 'all', "
+                         f"'none'), got {type(spec).__name__}")
+    out = set()
+    for i in spec:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ValueError(f"{field}: layer index {i!r} is not an integer")
+        if not -num_layers <= i < num_layers:
+            raise ValueError(f"{field}: layer index {i} is out of range for a model of {num_layers} "
+                             f"layers (valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
+        j = i % num_layers
+        if j in out:
+            raise ValueError(f"{field}: layer {j} is listed twice")
+        out.add(j)
+    return sorted(out)

@@ -232,6 +232,16 @@ def detect_launcher(env: Mapping[str, str]) -> str:
     return "mpi4py" if "PMIX_RANK" in env or "PMI_RANK" in env else "single"
 
 
+_LAUNCHER_NAMES = {"torchrun": "torchrun", "deepspeed": "the deepspeed launcher",
+                   "slurm": "srun (SLURM)", "ompi": "mpirun (Open MPI)",
+                   "mpi4py": "MPI (mpi4py)", "single": "no launcher (one process)"}
+
+
+def launcher_name(launcher: str) -> str:
+    """How a user calls the launcher `detect_launcher` found (for the trainer's launch line)."""
+    return _LAUNCHER_NAMES.get(launcher, launcher)
+
+
 def discover(env: Mapping[str, str] | None = None, launcher: str = "auto") -> LaunchInfo:
     env = os.environ if env is None else env
     if launcher not in LAUNCHERS:

@@ -96,6 +96,9 @@ class MoELayer(nn.Module):
             self.alignment = TaskAlignment(cfg, task_schema)
         # 1/(gradient accumulation steps) when the main loss is averaged over micro-batches.
         self.aux_loss_scale = 1.0
+        # MoE layers of the model this layer is part of (set by the model): with
+        # aux_loss_reduction='mean' the load-balancing loss is divided by it
+        self.num_moe_layers = 1
         self.last_losses: Dict[str, torch.Tensor] = {}
         self.last_stats: Dict[str, torch.Tensor] = {}
 
@@ -196,9 +199,12 @@ class MoELayer(nn.Module):
                 self._shared_alignment.add(g_BE, task_BN)
             else:
                 losses["align"], stats["align_acc"] = self.alignment.loss(g_BE, task_BN)
+                stats["align_target_min_dist"] = self.alignment.last_stats["target_min_dist"]
         total = None
         for name, value in losses.items():
             term = getattr(self.cfg, _LOSS_COEFF[name]) * value
+            if name == "aux" and self.cfg.aux_loss_reduction == "mean":
+                term = term / self.num_moe_layers
             total = term if total is None else total + term
         if total is not None and torch.is_grad_enabled():
             y_TD = self._attach_aux_loss(y_TD, total)

@@ -41,7 +41,7 @@ def test_alignment_gradcheck_float64(kind):
 
 def test_unannotated_level_and_sample_are_ignored():
     torch.manual_seed(0)
-    align = tm.TaskAlignment(_cfg(), SCHEMA)
+    align = tm.TaskAlignment(_cfg(align_target="learned"), SCHEMA)
     g = torch.softmax(torch.randn(3, 6), -1).requires_grad_(True)
     ids = torch.tensor([[1, -1], [2, -1], [-1, -1]])   # level "type" never annotated, sample 2 not at all
     loss, _ = align.loss(g, SCHEMA.to_multi_hot(ids))

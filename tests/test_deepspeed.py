@@ -348,8 +348,11 @@ def test_consolidate_names_a_missing_expert_file(checkpoint_run, tmp_path):
     (broken / "step_2" / "layer_0_expert_3_mp_rank_00_model_states.pt").unlink()
     with pytest.raises(ValueError, match=r"layer_0_expert_3_mp_rank_00_model_states\.pt is missing"):
         consolidate(broken)
-    with pytest.raises(FileNotFoundError, match="no 'latest'"):
+    # a step directory is read like the root (as reshard does), and verified the same way
+    with pytest.raises(ValueError, match=r"layer_0_expert_3_mp_rank_00_model_states\.pt is missing"):
         consolidate(broken / "step_2")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        consolidate(broken / "nowhere")
 
 
 def test_deepspeed_zero_to_fp32_refuses_moe_checkpoints(checkpoint_run):

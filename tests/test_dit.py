@@ -91,7 +91,7 @@ def test_one_alignment_pooled_over_all_layers():
         assert layer.alignment is None and layer._shared_alignment is model.alignment
     b, noise, t = batch()
     model(noise, t, b["source"], b["instruction"], task=b["task_multi_hot"])
-    assert set(model.last_align) == {"loss", "acc"}
+    assert set(model.last_align) == {"loss", "acc", "target_min_dist"}
     model(noise, t, b["source"], b["instruction"])            # no tags: no alignment loss
     assert model.last_align == {}
     # the alignment loss reaches the routers (and only through them the model's routing)

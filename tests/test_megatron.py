@@ -30,7 +30,7 @@ def tconfig(**kw):
                 use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
                 num_moe_experts=4, moe_router_topk=2, add_bias_linear=False,
                 gated_linear_unit=True, activation_func=F.silu, moe_aux_loss_coeff=0.01,
-                moe_z_loss_coeff=1e-3, init_method_std=0.2)
+                moe_z_loss_coeff=1e-3, init_method_std=0.2, moe_token_dispatcher_type="alltoall")
     base.update(kw)
     return TransformerConfig(**base)
 
@@ -66,6 +66,18 @@ def test_config_mapping_flags():
     none = moe_config_from_megatron(tconfig(moe_router_load_balancing_type=["none"],
                                             moe_aux_loss_coeff=[0.01]))
     assert none.aux_loss_coeff == 0.0
+
+
+def test_grouped_gemm_and_dispatcher_are_mapped_not_ignored():
+    from tagmoe_dist.integrations.megatron import moe_config_from_megatron
+    assert moe_config_from_megatron(tconfig(moe_grouped_gemm=True)).expert_kernel == "grouped_mm"
+    assert moe_config_from_megatron(tconfig(moe_grouped_gemm=False)).expert_kernel == "auto"
+    # an explicit MoEConfig field wins over the mapping
+    assert moe_config_from_megatron(tconfig(moe_grouped_gemm=True),
+                                    expert_kernel="torch").expert_kernel == "torch"
+    for dispatcher in ("allgather", "flex"):
+        with pytest.raises(ValueError, match=f"moe_token_dispatcher_type='{dispatcher}'.*'alltoall'"):
+            moe_config_from_megatron(tconfig(moe_token_dispatcher_type=dispatcher))
 
 
 @pytest.mark.parametrize("kw,msg", [

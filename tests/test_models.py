@@ -122,7 +122,8 @@ def test_alignment_pooled_over_layers_once():
     """One alignment loss per forward, from the mean of both MoE layers' per-sample routing
     distributions, scaled by align_loss_coeff; its gradient reaches every router."""
     torch.manual_seed(0)
-    model = GPT(small_cfg(moe={"aux_loss_coeff": 0.0, "align_loss_coeff": 0.5}), task_schema=SCHEMA)
+    model = GPT(small_cfg(moe={"aux_loss_coeff": 0.0, "align_loss_coeff": 0.5,
+                               "align_target": "learned"}), task_schema=SCHEMA)
     layers = model.moe_layers()
     assert len(layers) == 2 and all(l._shared_alignment is model.alignment for l in layers)
     inputs = []
@@ -162,7 +163,7 @@ def test_no_task_no_alignment_and_eval_logging():
     assert model.last_align == {}
     with torch.no_grad():
         model(ids, task=task)
-    assert set(model.last_align) == {"loss", "acc"}
+    assert set(model.last_align) == {"loss", "acc", "target_min_dist"}
     assert model.alignment.finish() == (None, None), "the model must leave the pool empty"
 
 

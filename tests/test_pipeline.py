@@ -31,7 +31,7 @@ def config(pp: int, **kw):
         activation_func=F.silu, moe_aux_loss_coeff=0.05, moe_z_loss_coeff=1e-2,
         moe_shared_expert_intermediate_size=16, moe_shared_expert_gate=True, init_method_std=0.2,
         moe_layer_freq=[1, 1, 0, 1], pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.float32)
+        pipeline_dtype=torch.float32, moe_token_dispatcher_type="alltoall")
     base.update(kw)
     return TransformerConfig(**base)
 

@@ -1,8 +1,8 @@
 """Upcycling a dense tagmoe_dist GPT (DeepSpeed checkpoint) into the MoE GPT (--format tagmoe).
 
 The property: at step 0 the upcycled model's logits equal the dense model's (fp32, max |diff|
-<= 1e-5 of the logits' largest magnitude) for plain and fine-grained upcycling, with top-k and task-aware routers. The dense source
-is a real checkpoint of `python -m tagmoe_dist.train` (one process, one step); the MoE result is
+<= 1e-5 of the logits' largest magnitude) for plain and fine-grained upcycling, with top-k and
+task-aware routers. The dense source is a real checkpoint of `python -m tagmoe_dist.train` (one process, one step); the MoE result is
 checked in-process (consolidated weights into `GPT`) and through the trainer (`--resume` on 2
 processes at EP=2, whose first logged loss must be the dense model's loss on the same batch).
 """

@@ -13,15 +13,35 @@ from typing import Callable, Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
+class WriteError(OSError):
+    """Writing an output failed (disk full, quota, permissions); the message names the path."""
+
+
+def write_failed(path: PathLike, err: BaseException) -> WriteError:
+    """A WriteError naming `path`, the cause and the free space where it was written. torch.save
+    reports a full disk as `RuntimeError: ... unexpected pos N vs M`, without the errno."""
+    path = Path(path)
+    where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return WriteError(f"writing {path} failed ({type(err).__name__}: {err}); {free}: is the disk "
+                      "full or a quota reached?")
+
+
 def write_file(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_name)`, fsync the result, rename it onto `path`. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            write(str(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            raise write_failed(path, e) from e
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -50,6 +70,19 @@ def replace_dir(tmp: Path, dst: Path) -> None:
         old.unlink()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux); else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def new_dir(dst: PathLike, label: str = "tmp") -> Iterator[Path]:
     """A fresh temporary directory beside `dst`, removed if the body raises. The body fills it and
@@ -57,6 +90,8 @@ def new_dir(dst: PathLike, label: str = "tmp") -> Iterator[Path]:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{label}-", dir=dst.parent))
+    # mkdtemp makes it 0700; the output gets the mode any directory made here would get.
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
     except BaseException:

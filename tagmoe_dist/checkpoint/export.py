@@ -21,7 +21,9 @@ What DeepSpeed writes in `<ckpt_dir>/<tag>/` for ZeRO stages 0-2 (model parallel
 `<prefix>.w1` [E, D, H] (prefix = the layer's expert container, e.g. `blocks.0.moe.experts`). The
 values are the module weights: exactly the trained weights for fp32 training; for bf16/fp16 training
 the 16-bit weights upcast (the fp32 master copy lives in the optimizer partitions).
-Files are unpickled with `weights_only=False` (DeepSpeed stores Python objects): trusted input only.
+Before reading, the checkpoint is verified against its manifest (sizes and content hashes;
+`manifest.select`, which also falls back from a damaged `latest` to the newest intact step_N).
+Files are read with `torch.load(weights_only=True)` (`loading.py`): no code runs from them.
 """
 
 from __future__ import annotations
@@ -34,9 +36,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from tagmoe_dist.checkpoint import atomic
+from tagmoe_dist.checkpoint import atomic, loading, manifest
 from tagmoe_dist.checkpoint.files import EXPERT_FILE, MAIN_FILE, TP_MAIN_FILE, ZERO3_MAIN_FILE, expert_file
-from tagmoe_dist.checkpoint.manifest import resolve_tag
 
 _EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
 
@@ -62,9 +63,9 @@ def _expert_files(tag_dir: Path) -> Dict[int, Dict[int, Path]]:
 
 
 def _stacked_name(m: "re.Match") -> str:
-    # Our container (w1/w2): MoELayer.full_state_dict()'s naming. Anything else (DeepSpeed's
-    # native experts): the ModuleList level `deepspeed_experts.<id>` becomes the stacked dim 0.
-    if m.group(3) in ("w1", "w2"):
+    # Our container (w1/w2, biases b1/b2): MoELayer.full_state_dict()'s naming. Anything else
+    # (DeepSpeed's native experts): the ModuleList level `deepspeed_experts.<id>` becomes dim 0.
+    if m.group(3) in ("w1", "w2", "b1", "b2"):
         return f"{m.group(1)}.{m.group(3)}"
     return f"{m.group(1)}.deepspeed_moe.experts.{m.group(3)}"
 
@@ -73,10 +74,15 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
     """The global fp32 state dict of a DeepSpeed checkpoint, experts stacked (ZeRO 0-2 here;
     ZeRO-3: integrations/zero3_checkpoint.consolidate).
 
-    Reads `<ckpt_dir>/<tag or latest>/`. Raises ValueError naming the first missing expert file if
-    any expert id 0..E-1 of any MoE layer is absent (e.g. an expert-parallel rank did not save).
+    Reads `<ckpt_dir>/<tag or latest>/`; `ckpt_dir` may also be the run directory or one step_N
+    directory. Raises ValueError naming the first missing, truncated or changed file (checked
+    against the manifest), or the first missing expert file if any expert id 0..E-1 of any MoE
+    layer is absent (e.g. an expert-parallel rank did not save).
     """
-    tag_dir = resolve_tag(ckpt_dir, tag)
+    try:
+        _, tag_dir, _ = manifest.select(ckpt_dir, tag)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{ckpt_dir}: {e}") from None
     main = tag_dir / MAIN_FILE
     if not main.is_file():
         if (tag_dir / ZERO3_MAIN_FILE).is_file():
@@ -86,7 +92,7 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
     if (tag_dir / TP_MAIN_FILE).is_file():
         raise ValueError(f"{tag_dir}: checkpoints with model (tensor) parallel size > 1 are not "
                          "supported by consolidate()")
-    state = torch.load(main, map_location="cpu", weights_only=False)
+    state = loading.load(main, deepspeed_objects=True)
     if "module" not in state or state["module"] is None:
         raise ValueError(f"{main} holds no 'module' state dict (a pipeline-engine checkpoint?)")
     out: Dict[str, torch.Tensor] = {k: _fp32(v) for k, v in state["module"].items()}
@@ -110,7 +116,7 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
                              f"ids {extra} exist; the directory mixes two checkpoints")
         stacks: Dict[str, list] = defaultdict(list)
         for e in range(E):
-            expert_sd = torch.load(have[e], map_location="cpu", weights_only=True)
+            expert_sd = loading.load(have[e])
             for key, t in expert_sd.items():
                 m = _EXPERT_KEY.match(key)
                 if m is None or int(m.group(2)) != e:

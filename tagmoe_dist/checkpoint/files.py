@@ -1,6 +1,6 @@
-"""Every on-disk name of a checkpoint, defined once.
+"""Every on-disk name of a run and its checkpoints, defined once.
 
-A checkpoint root (`<train.log_dir>/checkpoints`, what `--resume`, `export`, `reshard` and
+A run directory (`train.log_dir`) holds `checkpoints/`, `steps.jsonl` and `tb/`. A checkpoint root (`<train.log_dir>/checkpoints`, what `--resume`, `export`, `reshard` and
 `upcycle --format tagmoe` read and write):
 
     latest                  the tag (step_N) to resume from; written last, after the manifest
@@ -27,6 +27,8 @@ RUN_JSON = "run.json"
 MANIFEST = "tagmoe_manifest.json"
 UPCYCLE_METADATA = "upcycle_metadata.json"   # provenance written by tagmoe_dist.upcycle
 CHECKPOINTS = "checkpoints"              # <train.log_dir>/checkpoints
+STEPS_JSONL = "steps.jsonl"              # <train.log_dir>/steps.jsonl: one JSON record per step
+TENSORBOARD = "tb"                       # <train.log_dir>/tb: TensorBoard event files
 
 MAIN_FILE = "mp_rank_00_model_states.pt"
 TP_MAIN_FILE = "mp_rank_01_model_states.pt"   # present only with tensor (model) parallel size > 1

@@ -33,8 +33,9 @@ weights-only checkpoint), only the weights are written: the manifest says `weigh
 why, and `tagmoe_dist.checkpoint.engine.load` then loads the module only (Adam restarts from zero).
 
 Memory: the source files are memory-mapped; the output optimizer partitions (one fp32 copy and
-two moments of the model) are built in memory before they are written. Files are unpickled with
-weights_only=False (DeepSpeed stores Python objects): trusted input only.
+two moments of the model) are built in memory before they are written. The source is verified
+against its manifest first (sizes, content hashes); files are read with weights_only=True plus
+the DeepSpeed classes its optimizer files hold (`loading.py`).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import yaml
 
-from tagmoe_dist.checkpoint import atomic, manifest as mf, zero
+from tagmoe_dist.checkpoint import atomic, loading, manifest as mf, zero
 from tagmoe_dist.checkpoint.files import (EXPERT_FILE, LATEST, MAIN_FILE, MODEL_CONFIG, RUN_JSON,
                                           TASK_SCHEMA, TP_MAIN_FILE, UPCYCLE_METADATA, ZERO_FILE,
                                           zero_file)
+from tagmoe_dist.paths import check_output_dir
 
 PathLike = Union[str, Path]
 # optimizer_state_dict entries that do not depend on the layout; copied from the source's rank 0
@@ -63,11 +65,20 @@ _SIDE_FILES = (TASK_SCHEMA, RUN_JSON, UPCYCLE_METADATA)
 __all__ = ["reshard", "saved_layout"]
 
 
-def _resolve(src: PathLike, tag: Optional[str]) -> Tuple[Path, Path]:
+def _select(src: PathLike, tag: Optional[str], log) -> Tuple[Path, Path, dict]:
+    """(root, tag directory, manifest or {}) of the source, verified against its manifest."""
     try:
-        return mf.locate(src, tag)
-    except FileNotFoundError as e:
+        root, tag_dir, manifest = mf.select(src, tag, log=log)
+    except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--src: {e}") from None
+    return root, tag_dir, manifest or {}
+
+
+def _save(obj, path: Path) -> None:
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as e:
+        raise atomic.write_failed(path, e) from e
 
 
 def _zero_files(tag_dir: Path) -> Tuple[str, Dict[int, Path]]:
@@ -83,7 +94,7 @@ def _zero_files(tag_dir: Path) -> Tuple[str, Dict[int, Path]]:
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return loading.load(path, mmap=True, deepspeed_objects=True)
 
 
 def saved_layout(tag_dir: PathLike) -> Dict[str, Optional[int]]:
@@ -116,11 +127,11 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
         raise ValueError(f"--dst {dst}: name the directory 'checkpoints' (e.g. runs/b/checkpoints): "
                          "the trainer resumes from <log_dir>/checkpoints, and the written config "
                          "sets log_dir to its parent")
+    check_output_dir(src, dst)
     if dst.exists() and not force:
         raise ValueError(f"--dst {dst} already exists; pass --force to overwrite it")
-    root, tag_dir = _resolve(src, tag)
-    if dst.resolve() in (root.resolve(), tag_dir.resolve()):
-        raise ValueError("--dst must differ from --src")
+    root, tag_dir, manifest_in = _select(src, tag, log)
+    check_output_dir(root, dst)
     if (tag_dir / TP_MAIN_FILE).exists():
         raise ValueError(f"{tag_dir}: tensor-parallel checkpoints are not supported")
     from tagmoe_dist.integrations import zero3_checkpoint
@@ -154,7 +165,6 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
         if count % ep_size:
             raise ValueError(f"MoE layer {layer} has {count} experts, not divisible by --ep-size "
                              f"{ep_size}")
-    manifest_in = _read_manifest(tag_dir)
     step = int(manifest_in.get("step", main.get("step", main.get("global_steps", 0))))
 
     prefix, zfiles = _zero_files(tag_dir)
@@ -187,22 +197,18 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
             optim_note = (f"optimizer state NOT carried over ({reason}): Adam restarts from zero "
                           f"moments at step {step}")
             log(f"WARNING: {optim_note}")
-        torch.save(main, out_tag / MAIN_FILE)
+        _save(main, out_tag / MAIN_FILE)
         mf.write(out_tag, step=step, ep_size=ep_size, world_size=world,
                  weights_only=reason is not None, note=optim_note,
                  resharded_from={"dir": str(tag_dir.resolve()), "ep_size": src_ep,
-                                 "world_size": src_world, "files": manifest_in.get("files")})
+                                 "world_size": src_world, "files": manifest_in.get("files")},
+                 **({"config": _retarget(manifest_in["config"], dst, ep_size)}
+                    if manifest_in.get("config") else {}))
         (tmp / LATEST).write_text(tag_dir.name)
         _write_side_files(root, tmp, dst, ep_size)
         atomic.replace_dir(tmp, dst)
     log(f"wrote {dst}/{tag_dir.name} for ep_size {ep_size} on {world} processes; {optim_note}")
     return dst
-
-
-def _read_manifest(tag_dir: Path) -> dict:
-    if mf.read(tag_dir) is None:
-        return {}
-    return mf.check(tag_dir)
 
 
 def _expert_files(tag_dir: Path, main: dict) -> List[Path]:
@@ -225,13 +231,17 @@ def _write_side_files(root: Path, out: Path, dst: Path, ep_size: int) -> None:
             shutil.copy2(root / name, out / name)
     cfg_path = root / MODEL_CONFIG
     if cfg_path.is_file():
-        cfg = yaml.safe_load(cfg_path.read_text())
-        train = dict(cfg.get("train") or {})
-        train.update(ep_size=ep_size, log_dir=str(dst.resolve().parent))
-        cfg["train"] = train
+        cfg = _retarget(yaml.safe_load(cfg_path.read_text()), dst, ep_size)
         if (root / TASK_SCHEMA).is_file() and cfg.get("task_schema"):
             cfg["task_schema"] = str(dst.resolve() / TASK_SCHEMA)
         (out / MODEL_CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _retarget(cfg: dict, dst: Path, ep_size: int) -> dict:
+    """The source's effective config (every train.* setting kept) for the resharded run."""
+    train = dict(cfg.get("train") or {})
+    train.update(ep_size=ep_size, log_dir=str(dst.resolve().parent))
+    return {**cfg, "train": train}
 
 
 def _write_optimizer(main: dict, tag_dir: Path, zfiles: Dict[int, Path], prefix: str,
@@ -286,5 +296,5 @@ def _write_optimizer(main: dict, tag_dir: Path, zfiles: Dict[int, Path], prefix:
         # The source's key order, so that an unchanged layout reproduces the files exactly.
         osd = {k: layout.get(k, v) for k, v in first.items()}
         out = {k: osd if k == "optimizer_state_dict" else v for k, v in files[0].items()}
-        torch.save(out, out_tag / zero_file(prefix, rank))
+        _save(out, out_tag / zero_file(prefix, rank))
     return src_eps.pop() if src_eps else None

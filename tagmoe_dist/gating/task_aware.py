@@ -14,10 +14,11 @@ owns a private `TaskAlignment` and closes it itself.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.gating import losses
@@ -68,8 +69,40 @@ def _orthogonal(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return q.t().contiguous()
 
 
+def min_pairwise_distance(target_CP: torch.Tensor, distinct_CC: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
+    """Collapse monitor: min over pairs of rows (i != j, or where `distinct_CC` is True) of
+    1 - cos(target_i, target_j). 0 = two targets point the same way (collapsed); NaN = no pair."""
+    if target_CP.dtype != torch.float64:
+        target_CP = target_CP.float()
+    tn_CP = F.normalize(target_CP, dim=-1, eps=1e-8)
+    dist_CC = 1.0 - tn_CP @ tn_CP.t()
+    C = target_CP.shape[0]
+    pair_CC = ~torch.eye(C, dtype=torch.bool, device=target_CP.device)
+    if distinct_CC is not None:
+        pair_CC = pair_CC & distinct_CC
+    m = dist_CC.masked_fill(~pair_CC, float("inf")).amin() if C > 1 else dist_CC.new_tensor(float("inf"))
+    return torch.where(torch.isinf(m), torch.full_like(m, float("nan")), m)
+
+
 class TaskAlignment(nn.Module):
-    """W_tag, the predictor H_pred, and the per-forward accumulator of routing signatures."""
+    """W_tag, the predictor H_pred, and the per-forward accumulator of routing signatures.
+
+    align_target (MoEConfig):
+      orthogonal  (default) fixed orthonormal tag embeddings, a buffer: collapse-safe, and the
+                  targets of two tag sets are as far apart as their tags allow
+      detached    random learnable-shaped W_tag that gets no gradient (stop-gradient on the target)
+      learned     the paper as written (Eqs. 1-5): W_tag trained with the loss. Degenerate: every
+                  target can turn parallel and L_align -> 0 while routing learns nothing (see
+                  docs/results.md); kept for reproducing the paper literally.
+
+    Monitors (`last_stats` after each `loss`, detached, no host sync):
+      acc              nearest-target accuracy: the prediction's nearest target among the
+                       candidate tag sets (`set_candidates`: every task of the schema's training
+                       mix) is the sample's own; without candidates, among the batch's tag sets
+      target_min_dist  min over pairs of distinct candidate tag sets of 1 - cos(s_i, s_j):
+                       near 0 means the targets collapsed
+    """
 
     def __init__(self, cfg: MoEConfig, schema: TaskSchema):
         super().__init__()
@@ -78,15 +111,33 @@ class TaskAlignment(nn.Module):
         if cfg.align_target == "orthogonal":
             if P < N:
                 raise ValueError(f"MoEConfig.align_target='orthogonal' needs align_dim >= the number "
-                                 f"of tags ({N}); got align_dim={P}")
+                                 f"of tags ({N}); got align_dim={P}: raise align_dim or set "
+                                 "align_target='detached'")
             self.register_buffer("tag_embed", _orthogonal(N, P))
         else:
             self.tag_embed = nn.Parameter(torch.randn(N, P) / P ** 0.5)
         self.predictor = nn.Sequential(
             nn.Linear(cfg.num_experts, H), nn.GELU(), nn.Linear(H, H), nn.GELU(), nn.Linear(H, P))
+        # the tag sets of all tasks (multi-hot [C, N]), set by the user; not a buffer: it is no
+        # part of the model's state (checkpoints, DeepSpeed buffer lists), it moves on first use
+        self.candidates_CN = torch.zeros(0, N)
+        self.last_stats: Dict[str, torch.Tensor] = {}
         self._sum_BE: Optional[torch.Tensor] = None
         self._num_layers = 0
         self._task_BN: Optional[torch.Tensor] = None
+
+    def set_candidates(self, tasks) -> None:
+        """The tag sets the accuracy and the collapse monitor compare against: every task of the
+        training mix. `tasks`: a list of descriptor dicts, LongTensor [C, levels] of ids, or
+        multi-hot [C, N]. Duplicates and unannotated rows are dropped."""
+        if isinstance(tasks, torch.Tensor):
+            mh_CN = self.schema.to_multi_hot(tasks, field="candidates")
+        else:
+            mh_CN = self.schema.multi_hot(list(tasks))
+        mh_CN = torch.unique(mh_CN[mh_CN.sum(1) > 0], dim=0)
+        if mh_CN.shape[0] == 0:
+            raise ValueError("TaskAlignment.set_candidates: no annotated tag set given")
+        self.candidates_CN = mh_CN
 
     # ------------------------------------------------------------------ model-wide pooling
     def add(self, signature_BE: torch.Tensor, task_BN: torch.Tensor) -> None:
@@ -116,24 +167,50 @@ class TaskAlignment(nn.Module):
                  if isinstance(m, nn.Linear) else m(h))
         return h
 
-    def loss(self, g_BE: torch.Tensor, task_BN: torch.Tensor):
-        """(L_align, alignment accuracy) for signatures g and multi-hot tags. Accuracy: how often the
-        prediction's nearest tag-set embedding in the batch is the sample's own tag set."""
-        task_BN = task_BN.to(g_BE.dtype)
-        mask_B = task_BN.sum(1) > 0
+    def targets(self, task_BN: torch.Tensor) -> torch.Tensor:
+        """s_b = sum of the tag embeddings of the sample's tags (gradient into W_tag only for
+        align_target='learned')."""
         tag_embed = self.tag_embed
         if self.cfg.align_target == "detached":
             tag_embed = tag_embed.detach()
-        target_BP = task_BN @ tag_embed.to(g_BE.dtype)
+        return task_BN @ tag_embed.to(task_BN.dtype)
+
+    def loss(self, g_BE: torch.Tensor, task_BN: torch.Tensor):
+        """(L_align, alignment accuracy) for signatures g and multi-hot tags; `last_stats` gets
+        the accuracy and the collapse monitor (see the class docstring)."""
+        task_BN = task_BN.to(g_BE.dtype)
+        mask_B = task_BN.sum(1) > 0
+        target_BP = self.targets(task_BN)
         pred_BP = self._predict(g_BE)
         same_BB = (task_BN[:, None, :] == task_BN[None, :, :]).all(-1)
         loss = losses.alignment_loss(pred_BP, target_BP, mask_B, self.cfg.align_loss,
                                      self.cfg.align_temperature, same_BB)
         with torch.no_grad():
-            pn = torch.nn.functional.normalize(pred_BP, dim=-1)
-            tn = torch.nn.functional.normalize(target_BP, dim=-1)
-            sim_BB = (pn @ tn.t()).masked_fill(~mask_B[None, :], -2.0)
-            hit_B = same_BB.gather(1, sim_BB.argmax(1, keepdim=True)).squeeze(1)
-            m = mask_B.to(g_BE.dtype)
-            acc = (hit_B.to(g_BE.dtype) * m).sum() / m.sum().clamp(min=1.0)
+            if self.candidates_CN.shape[0] > 0:
+                acc, min_dist = self._monitor_candidates(pred_BP, task_BN, mask_B)
+            else:
+                acc, min_dist = self._monitor_batch(pred_BP, target_BP, same_BB, mask_B)
+        self.last_stats = {"acc": acc, "target_min_dist": min_dist}
         return loss, acc
+
+    def _monitor_candidates(self, pred_BP, task_BN, mask_B):
+        if self.candidates_CN.device != task_BN.device:       # once: a host copy, not per step
+            self.candidates_CN = self.candidates_CN.to(task_BN.device)
+        cand_CN = self.candidates_CN.to(task_BN.dtype)
+        target_CP = self.targets(cand_CN)
+        sim_BC = F.normalize(pred_BP, dim=-1) @ F.normalize(target_CP, dim=-1).t()
+        nearest_BN = cand_CN.index_select(0, sim_BC.argmax(1))
+        hit_B = (nearest_BN == task_BN).all(-1)
+        return _masked_mean(hit_B, mask_B), min_pairwise_distance(target_CP)
+
+    def _monitor_batch(self, pred_BP, target_BP, same_BB, mask_B):
+        sim_BB = (F.normalize(pred_BP, dim=-1) @ F.normalize(target_BP, dim=-1).t())
+        sim_BB = sim_BB.masked_fill(~mask_B[None, :], -2.0)
+        hit_B = same_BB.gather(1, sim_BB.argmax(1, keepdim=True)).squeeze(1)
+        valid_BB = mask_B[:, None] & mask_B[None, :] & ~same_BB
+        return _masked_mean(hit_B, mask_B), min_pairwise_distance(target_BP, valid_BB)
+
+
+def _masked_mean(hit_B: torch.Tensor, mask_B: torch.Tensor) -> torch.Tensor:
+    m = mask_B.float()
+    return (hit_B.float() * m).sum() / m.sum().clamp(min=1.0)

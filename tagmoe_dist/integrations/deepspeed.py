@@ -30,7 +30,7 @@ import torch.nn as nn
 from tagmoe_dist.parallel import ParallelGroups, hosts
 
 _DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-_DS_KEY = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w1|w2)$")
+_DS_KEY = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w1|w2|b1|b2)$")
 
 
 def _deepspeed():
@@ -64,8 +64,12 @@ class _DeepSpeedNames:
             groups._create_expert_and_data_parallel(
                 self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
+    def _expert_names(self):
+        # the stacked expert tensors: weights, and biases when the experts have them
+        return ("w1", "w2") + (("b1", "b2") if getattr(self, "b1", None) is not None else ())
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for name in ("w1", "w2"):
+        for name in self._expert_names():
             p = getattr(self, name)
             for local_id in range(p.shape[0]):
                 t = p[local_id] if keep_vars else p.detach()[local_id]
@@ -73,7 +77,7 @@ class _DeepSpeedNames:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        for name in ("w1", "w2"):
+        for name in self._expert_names():
             p = getattr(self, name)
             stacked = prefix + name
             if stacked in state_dict:      # our own stacked layout
@@ -94,7 +98,7 @@ class _DeepSpeedNames:
                 p.copy_(src)
         if strict:
             for k in state_dict:
-                if k.startswith(prefix) and k[len(prefix):] not in ("w1", "w2") and \
+                if k.startswith(prefix) and k[len(prefix):] not in self._expert_names() and \
                         not _DS_KEY.match(k[len(prefix):]):
                     unexpected_keys.append(k)
 

@@ -10,7 +10,7 @@ from typing import Any, List, Mapping, Optional
 import torch
 import yaml
 
-from tagmoe_dist.config import MoEConfig
+from tagmoe_dist.config import MoEConfig, parse_moe_layers
 from tagmoe_dist.gating.losses import AuxLossAutoScaler
 from tagmoe_dist.layer import MoELayer
 from tagmoe_dist.tasks import TaskSchema
@@ -21,9 +21,13 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class ModelConfigMixin:
     """The YAML-facing half shared by the reference models' frozen config dataclasses: the
-    embedded `moe` mapping (an MoEConfig without hidden_size = d_model), `arch` / `moe_every`,
-    the task schema path, the trainer's opaque `train` mapping, and dict / YAML conversion.
-    Needs the fields d_model, n_layer, moe, moe_every, arch, task_schema, train."""
+    embedded `moe` mapping (an MoEConfig without hidden_size = d_model), `arch` / `moe_every` /
+    `moe_layers`, the task schema path, the trainer's opaque `train` mapping, and dict / YAML
+    conversion. Needs the fields d_model, n_layer, moe, moe_every, moe_layers, arch, task_schema,
+    train.
+
+    MoE placement: `moe_layers` (a list of block indices, or "last:K", see
+    `tagmoe_dist.config.parse_moe_layers`) when given, else periodic `moe_every`."""
 
     def _check_moe_fields(self) -> None:
         name = type(self).__name__
@@ -32,6 +36,11 @@ class ModelConfigMixin:
         if not isinstance(self.moe_every, int) or not 0 <= self.moe_every <= self.n_layer:
             raise ValueError(f"{name}.moe_every must be an integer in 0..n_layer={self.n_layer} "
                              f"(0 = dense, 1 = every block, 2 = every other block), got {self.moe_every!r}")
+        if self.moe_layers is not None:
+            if self.moe_every != 1:
+                raise ValueError(f"{name}: set either moe_layers={self.moe_layers!r} or moe_every="
+                                 f"{self.moe_every}, not both (leave moe_every at its default 1)")
+            parse_moe_layers(self.moe_layers, self.n_layer, f"{name}.moe_layers")
         if not isinstance(self.moe, Mapping):
             raise ValueError(f"{name}.moe must be a mapping of MoEConfig fields, e.g. "
                              "{ffn_hidden_size: 128, num_experts: 8, top_k: 2}")
@@ -51,11 +60,22 @@ class ModelConfigMixin:
         return MoEConfig.from_dict({**self.moe, "hidden_size": self.d_model})
 
     @property
+    def moe_layer_indices(self) -> List[int]:
+        """The blocks (0-based) with an MoE FFN; [] for a dense model."""
+        if self.arch == "dense":
+            return []
+        if self.moe_layers is not None:
+            return parse_moe_layers(self.moe_layers, self.n_layer)
+        if self.moe_every == 0:
+            return []
+        return [i for i in range(self.n_layer) if (i + 1) % self.moe_every == 0]
+
+    @property
     def is_dense(self) -> bool:
-        return self.arch == "dense" or self.moe_every == 0
+        return not self.moe_layer_indices
 
     def is_moe_layer(self, i: int) -> bool:
-        return not self.is_dense and (i + 1) % self.moe_every == 0
+        return i in self.moe_layer_indices
 
     @property
     def dense_ffn_size(self) -> int:
@@ -75,6 +95,8 @@ class ModelConfigMixin:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["moe"], d["train"] = dict(self.moe), dict(self.train)
+        if isinstance(d.get("moe_layers"), tuple):
+            d["moe_layers"] = list(d["moe_layers"])
         return d
 
     @classmethod
@@ -119,7 +141,8 @@ class MoEModelMixin:
         loss, acc = self.alignment.finish()     # always: it also resets the pool for next forward
         if loss is None:
             return x_BSD
-        self.last_align = {"loss": loss.detach(), "acc": acc}
+        self.last_align = {"loss": loss.detach(), "acc": acc,
+                           "target_min_dist": self.alignment.last_stats["target_min_dist"]}
         if torch.is_grad_enabled():
             x_BSD = AuxLossAutoScaler.apply(x_BSD, self.alignment.cfg.align_loss_coeff * loss,
                                             self.aux_loss_scale)
@@ -127,6 +150,13 @@ class MoEModelMixin:
 
     def moe_layers(self) -> List[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def _register_moe_layers(self) -> None:
+        """Tell every MoE layer how many MoE layers the model has (MoEConfig.aux_loss_reduction
+        = 'mean' divides each layer's load-balancing loss by it). Called by the constructor."""
+        layers = self.moe_layers()
+        for layer in layers:
+            layer.num_moe_layers = len(layers)
 
     def set_aux_loss_scale(self, scale: float) -> None:
         """1/(gradient accumulation steps) when the main loss is averaged over micro-batches."""

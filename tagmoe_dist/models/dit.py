@@ -8,13 +8,14 @@ Layout (DiT with adaLN-Zero; the source image enters by channel concatenation as
 InstructPix2Pix, the instruction both as adaLN conditioning and as attention context):
   tokens   patchify(concat(x_t, source) over channels) -> linear -> + learned positions   [B, S, D]
   instr    e_BLD = Embed_l(instruction[:, l]) per slot l                                   [B, L, D]
-  cond     c = MLP(sinusoid(t)) + sum_l e_BLD[:, l]                                         [B, D]
+  cond     c = MLP(sinusoid(t)) + sum_l e_BLD[:, l]   (instruction_adaln: false: MLP(sinusoid(t)))  [B, D]
   blocks   x += gate1(c) * attn(q = modulate(norm(x), c), k/v over [norm(e); modulate(norm(x), c)])
            x += gate2(c) * ffn(modulate(norm(x), c))
   out      modulate(norm(x), c) -> linear (zero-init) -> unpatchify: the velocity  [B, C, H, W]
 The instruction tokens are context only (as the text stream of the paper's MMDiT, whose FFNs are
 not the MoE ones): image tokens attend to them, the FFNs and routers see image tokens alone.
-Block i has an MoE FFN iff (i + 1) % moe_every == 0, as in gpt.py; a dense FFN is
+Block i has an MoE FFN iff it is in `moe_layers` (a list, or "last:K") when that is set, else
+iff (i + 1) % moe_every == 0, as in gpt.py; a dense FFN is
 `top_k * ffn_hidden_size (+ shared)` wide, so every variant has the same active parameters.
 
 Flow matching: x_t = (1 - t) x0 + t noise, t in [0, 1]; the model predicts v = noise - x0 and
@@ -55,6 +56,10 @@ class DiTConfig(ModelConfigMixin):
     instruction_vocab: int = 19               # tagmoe_dist.data.images.INSTRUCTION_VOCAB
     instruction_len: int = 3
     moe_every: int = 1                        # 0 = no MoE (same as arch: dense)
+    moe_layers: Optional[Any] = None          # [block indices] | "last:K" | "all"; overrides moe_every
+    # False: the instruction reaches image tokens only through attention (the paper's MMDiT);
+    # adaLN is conditioned on the timestep alone, so it does not rescale every router input
+    instruction_adaln: bool = True
     arch: str = "moe"                         # moe | dense
     task_schema: Optional[str] = None         # YAML path (relative: to cwd, then the repo root)
     train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -70,6 +75,11 @@ class DiTConfig(ModelConfigMixin):
                              f"patch_size={self.patch_size}")
         if self.d_model % self.n_head != 0:
             raise ValueError(f"DiTConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if isinstance(self.moe_layers, list):      # frozen: keep the config hashable
+            object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+        if not isinstance(self.instruction_adaln, bool):
+            raise ValueError(f"DiTConfig.instruction_adaln must be true or false, got "
+                             f"{self.instruction_adaln!r}")
         self._check_moe_fields()
         if self.moe.get("input_layout", "bsh") != "bsh":
             raise ValueError("DiTConfig.moe.input_layout must be 'bsh' (the DiT feeds [B, S, D])")
@@ -124,7 +134,9 @@ class DiTBlock(nn.Module):
         if cfg.is_moe_layer(index):
             self.ffn = MoELayer(m, groups=groups, task_schema=schema, alignment=alignment)
         else:
-            self.ffn = DenseMLP(D, cfg.dense_ffn_size, m.activation, m.init_std)
+            # biased like the experts when they are (the paper's FFNs have biases)
+            self.ffn = DenseMLP(D, cfg.dense_ffn_size, m.activation, m.init_std,
+                                bias=m.expert_mlp_bias)
         # adaLN-Zero: shift/scale/gate of both sublayers from c, zero-initialised (identity block)
         self.ada = nn.Linear(D, 6 * D)
         nn.init.zeros_(self.ada.weight)
@@ -181,6 +193,7 @@ class DiT(MoEModelMixin, nn.Module):
             nn.init.zeros_(lin.bias)
         self.aux_loss_scale = 1.0
         self.last_align: Dict[str, torch.Tensor] = {}
+        self._register_moe_layers()
 
     # ------------------------------------------------------------------ patches
     def patchify(self, img_BCHW: torch.Tensor) -> torch.Tensor:
@@ -212,7 +225,9 @@ class DiT(MoEModelMixin, nn.Module):
         x_BSD = self.patch_in(self.patchify(torch.cat([x_t, source], dim=1))) + self.pos
         slots_L = torch.arange(cfg.instruction_len, device=instruction.device)
         e_BLD = self.instr[slots_L, instruction]
-        c_BD = self.t_mlp(timestep_embedding(t, cfg.d_model)) + e_BLD.sum(1)
+        c_BD = self.t_mlp(timestep_embedding(t, cfg.d_model))
+        if cfg.instruction_adaln:
+            c_BD = c_BD + e_BLD.sum(1)
         for block in self.blocks:
             x_BSD = block(x_BSD, c_BD, e_BLD, task)
         x_BSD = self._attach_alignment(x_BSD)

@@ -4,7 +4,8 @@ Notation: B batch, S sequence, D d_model, H heads, V vocab, E experts, N tags.
 
 Layout (nanoGPT-like): token + learned position embeddings, pre-norm blocks
 (x += attn(norm(x)); x += ffn(norm(x))), final norm, LM head tied to the token embedding.
-Block i has an MoE FFN iff (i + 1) % moe_every == 0 (moe_every=2: blocks 1, 3, ...; the last block
+Block i has an MoE FFN iff it is in `moe_layers` (a list, or "last:K") when that is set, else
+iff (i + 1) % moe_every == 0 (moe_every=2: blocks 1, 3, ...; the last block
 of an even-depth model is MoE), a DenseMLP elsewhere.
 
 Fair comparisons: a dense FFN is `top_k * ffn_hidden_size (+ shared expert width)` wide, so the
@@ -48,6 +49,7 @@ class GPTConfig(ModelConfigMixin):
     d_model: int
     moe: Mapping[str, Any]                    # MoEConfig fields except hidden_size (= d_model)
     moe_every: int = 1                        # 0 = no MoE (same as arch: dense)
+    moe_layers: Optional[Any] = None          # [block indices] | "last:K" | "all"; overrides moe_every
     arch: str = "moe"                         # moe | dense
     task_schema: Optional[str] = None         # YAML path (relative: to cwd, then the repo root)
     train: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # opaque: the trainer's
@@ -60,6 +62,8 @@ class GPTConfig(ModelConfigMixin):
         if self.d_model % self.n_head != 0:
             raise ValueError(f"GPTConfig.d_model={self.d_model} is not divisible by n_head="
                              f"{self.n_head}; pick d_model as a multiple of n_head")
+        if isinstance(self.moe_layers, list):      # frozen: keep the config hashable
+            object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
         self._check_moe_fields()
 
 
@@ -101,7 +105,8 @@ class Block(nn.Module):
         if cfg.is_moe_layer(index):
             self.ffn = MoELayer(m, groups=groups, task_schema=schema, alignment=alignment)
         else:
-            self.ffn = DenseMLP(cfg.d_model, cfg.dense_ffn_size, m.activation, m.init_std)
+            self.ffn = DenseMLP(cfg.d_model, cfg.dense_ffn_size, m.activation, m.init_std,
+                                bias=m.expert_mlp_bias)
 
     def forward(self, x_BSD: torch.Tensor, task: Optional[torch.Tensor]) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.ln_1(x_BSD))
@@ -150,6 +155,7 @@ class GPT(MoEModelMixin, nn.Module):
         self.lm_head.weight = self.wte.weight     # tied
         self.aux_loss_scale = 1.0
         self.last_align: Dict[str, torch.Tensor] = {}
+        self._register_moe_layers()
 
     def forward(self, input_ids_BS: torch.Tensor, task: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, S = input_ids_BS.shape

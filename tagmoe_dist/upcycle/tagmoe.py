@@ -59,7 +59,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from tagmoe_dist.checkpoint import atomic, manifest as mf
+from tagmoe_dist.checkpoint import atomic, loading, manifest as mf
 from tagmoe_dist.checkpoint.files import (LATEST, MAIN_FILE, MODEL_CONFIG, TASK_SCHEMA, TP_MAIN_FILE,
                                           UPCYCLE_METADATA, expert_file)
 from tagmoe_dist.models.gpt import GPTConfig
@@ -340,7 +340,7 @@ def upcycle_gpt(opts: UpcycleOptions, progress: bool | None = None) -> Path:
     src = find_source(opts.src)
     main_file = src.tag_dir / MAIN_FILE
     # mmap: tensors are paged in when used, so the source is never fully in memory.
-    state = torch.load(main_file, map_location="cpu", mmap=True, weights_only=False)
+    state = loading.load(main_file, mmap=True, deepspeed_objects=True)
     if "module" not in state or state["module"] is None:
         raise ValueError(f"{main_file} holds no 'module' state dict")
     plan = make_gpt_plan(src, state["module"], opts)

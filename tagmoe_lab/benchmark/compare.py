@@ -70,7 +70,7 @@ class RunResult:
     task_loss: Dict[str, float]                 # final per-task evaluation loss
     routing_LKE: Optional[torch.Tensor]         # eval routing choices by task (None: dense)
     history: List[dict]                         # [{"step", "routing_LKE" (training, interval)}]
-    align_acc: Optional[float]
+    align_acc: Optional[float]                  # nearest-target accuracy, mixed-task eval batches
     active_params: int
     total_params: int
     seconds: float
@@ -111,7 +111,8 @@ class EvalResult:
     task_loss: Dict[str, float]                 # mean per-sample loss of each task
     routing_LKE: Optional[torch.Tensor]         # routing choices [L, K, E] (None: no MoE layer)
     router_entropy_L: List[float]               # mean per-token entropy of the router's softmax
-    align_acc: Optional[float]                  # TAG: nearest-tag-set accuracy of the predictor
+    align_acc: Optional[float]                  # TAG: the prediction's nearest target among all
+                                                # tasks' tag sets is the sample's own (mixed batches)
 
 
 @torch.no_grad()
@@ -172,6 +173,8 @@ def init_model(workload: Workload, variant: str, seed: int) -> tuple:
         own = model.state_dict()
         shared = {k: v for k, v in ref.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(shared, strict=False)
+    if getattr(model, "alignment", None) is not None and workload.task_tags:
+        model.alignment.set_candidates(workload.task_table(model.alignment.schema))
     return cfg, model
 
 
@@ -188,7 +191,7 @@ def train_run(workload: Workload, variant: str, seed: int, budget: Budget,
     L, K = len(layers), len(workload.task_names)
     E = layers[0].cfg.num_experts if layers else 0
     writer = _writer(tb_dir, workload.name, variant, seed)
-    history, interval_LKE, losses, align = [], torch.zeros(L, K, E, dtype=torch.long), [], []
+    history, interval_LKE, losses, align, min_dist = [], torch.zeros(L, K, E, dtype=torch.long), [], [], []
     t0 = time.perf_counter()
     for step in range(budget.steps):
         batch = train_batches[step]
@@ -205,6 +208,7 @@ def train_run(workload: Workload, variant: str, seed: int, budget: Budget,
         losses.append(float(loss.detach()))
         if getattr(model, "last_align", None):
             align.append(float(model.last_align["loss"]))
+            min_dist.append(float(model.last_align["target_min_dist"]))
         for i, layer in enumerate(layers):
             # per-sample routing counts [B, E] summed by task (text: padding tokens included)
             interval_LKE[i].index_add_(0, batch["task_index"], layer.last_stats["sample_load"].cpu())
@@ -214,6 +218,7 @@ def train_run(workload: Workload, variant: str, seed: int, budget: Budget,
                      "loss": sum(losses[-n:]) / n}
             if align:
                 entry["align_loss"] = sum(align[-n:]) / len(align[-n:])
+                entry["target_min_dist"] = min_dist[-1]
             history.append(entry)
             if writer is not None:
                 figures = len(history) % 5 == 0          # heat maps every 5th interval (slow)
@@ -300,6 +305,8 @@ def _log_train(writer, entry, counts_LKE, task_names, figures: bool):
                 counts_LKE[i], task_names, f"MoE layer {i}: P(expert | task), steps to {step}"), step)
     if "align_loss" in entry:
         writer.add_scalar("moe/align_loss", entry["align_loss"], step)
+    if "target_min_dist" in entry:        # collapse monitor: near 0 = two task targets coincide
+        writer.add_scalar("moe/align_target_min_dist", entry["target_min_dist"], step)
 
 
 def _log_eval(writer, step, r: RunResult, task_names):

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Dict, List, Sequence
 
 from tagmoe_lab.benchmark.compare import RunResult
+from tagmoe_lab.benchmark.stats import bootstrap_ci
 
 
 def _mean_std(xs: Sequence[float]) -> tuple:
@@ -69,6 +70,9 @@ def paired_table(results: Sequence[RunResult], a: str = "tag", b: str = "topk") 
     wins = sum(d < 0 for d in d_mean), sum(d < 0 for d in d_worst)
     lines = ["| seed | Δ mean | Δ worst | Δ MI |", "|---|---|---|---|"] + rows
     lines.append(f"| all | {_fmt(d_mean)} | {_fmt(d_worst)} | |")
+    ci = [bootstrap_ci(d) for d in (d_mean, d_worst)]
+    lines.append("| 95% bootstrap interval of the mean | " + " | ".join(
+        f"[{lo:+.4f}, {hi:+.4f}]" for _, lo, hi in ci) + " | |")
     return (f"{a} − {b} per seed (negative loss = {a} better): {a} wins the mean on {wins[0]}/"
             f"{len(d_mean)} seeds and the worst task on {wins[1]}/{len(d_worst)}.\n\n"
             + "\n".join(lines))
@@ -93,10 +97,18 @@ def routing_table(results: Sequence[RunResult]) -> str:
 
 
 def pairs(results: Sequence[RunResult]) -> List[tuple]:
-    """(TAG variant, its top-k baseline): tag vs topk, and tag<suffix> vs topk<suffix>."""
+    """(TAG variant, its top-k baseline): tag<suffix> vs topk<suffix> when that exists, else
+    vs topk; and the paper-literal tag_literal vs the collapse-safe tag."""
     names = set(by_variant(results))
-    return [(v, "topk" + v[3:]) for v in sorted(names)
-            if v.startswith("tag") and "topk" + v[3:] in names]
+    out = []
+    for v in sorted(names):
+        if v.startswith("tag"):
+            base = "topk" + v[3:] if "topk" + v[3:] in names else "topk"
+            if base in names:
+                out.append((v, base))
+    if {"tag", "tag_literal"} <= names:
+        out.append(("tag", "tag_literal"))
+    return out
 
 
 def markdown(results: Sequence[RunResult], title: str = "") -> str:

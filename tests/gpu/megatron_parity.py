@@ -6,6 +6,7 @@ with TP = PP = EP = 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Dict
 
@@ -25,7 +26,7 @@ def transformer_config(**kw):
                 gated_linear_unit=True, activation_func=F.silu, hidden_dropout=0.0,
                 attention_dropout=0.0, init_method_std=0.1, moe_shared_expert_intermediate_size=48,
                 moe_shared_expert_gate=True,
-                use_cpu_initialization=True)
+                use_cpu_initialization=True, moe_token_dispatcher_type="alltoall")
     base.update(kw)
     return TransformerConfig(**base)
 
@@ -40,7 +41,12 @@ def build_pair(config, device):
         return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
                         max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
     torch.manual_seed(0)
-    theirs = gpt(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)).to(device)
+    # Megatron's layer with its default dispatcher (its all-to-all one creates CUDA streams, so
+    # it cannot run on CPU); the dispatcher does not change its numbers
+    mconfig = dataclasses.replace(config, moe_token_dispatcher_type="allgather")
+    theirs = GPTModel(config=mconfig, transformer_layer_spec=get_gpt_layer_local_spec(
+        num_experts=E, moe_grouped_gemm=False), vocab_size=VOCAB, max_sequence_length=SEQ,
+        share_embeddings_and_output_weights=False).to(device)
     ours = gpt(tmm.get_gpt_layer_local_spec(tmm.moe_spec(router="topk"))).to(device)
     ours.load_state_dict(to_ours(theirs.state_dict()))
     return theirs, ours
