@@ -142,11 +142,11 @@ def test_bf16_transformer_keeps_its_dtype():
 
 # --------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(moe_blocks=[4]), "block index 4 is out of range"),
+    (dict(moe_blocks=[4]), "layer index 4 is out of range"),
     (dict(moe_blocks=[-5]), "out of range"),
     (dict(moe_blocks="last:5"), "'last:K' needs an integer K in 0..4"),
     (dict(moe_blocks="first:2"), "is not understood"),
-    (dict(moe_blocks=[1, -3]), "listed twice"),
+    (dict(moe_blocks=[1, -3]), "moe_blocks: layer 1 is listed twice"),
     (dict(moe_blocks="none"), "selects no block"),
     (dict(moe={"num_experts": 3}, groups=ParallelGroups(ep_size=2)), "not divisible by the expert-parallel size 2"),
     (dict(moe={"ffn_hidden_size": 64}), "ffn_hidden_size=64 must be 128"),
