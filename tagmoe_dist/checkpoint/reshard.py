@@ -142,8 +142,8 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
         with tempfile.TemporaryDirectory(prefix=f".{dst.name}.z3-", dir=dst.parent) as z2:
             z2_tag = Path(z2) / tag_dir.name
             layout = zero3_checkpoint.write_zero2_weights(tag_dir, z2_tag)
-            given = _read_manifest(tag_dir)
-            mf.write(z2_tag, step=given.get("step"), weights_only=True, ep_size=layout["ep_size"])
+            mf.write(z2_tag, step=manifest_in.get("step"), weights_only=True,
+                     ep_size=layout["ep_size"])
             for name in (MODEL_CONFIG,) + _SIDE_FILES:
                 if (root / name).is_file():
                     shutil.copy2(root / name, Path(z2) / name)

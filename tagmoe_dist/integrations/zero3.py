@@ -28,7 +28,8 @@ How DeepSpeed 0.19.8 places a parameter under ZeRO-3, and what we set:
      it is entered, on every rank, whatever the routing -- a rank whose tokens reach none of its
      experts still takes part in the same gathers and reduce-scatters (DeepSpeed issue 4808).
      The model-wide `TaskAlignment` is read by the model after the last block (`finish()`), so
-     its direct parameters are registered as external parameters of the root module.
+     its parameters are registered as external parameters of the root module (gathered for the
+     whole forward and backward of the model).
 
 Construction (`init`): a `deepspeed.zero.Init` whose conversion waits one level: a module's
 parameters are partitioned when its *parent* finishes `__init__`. The parent's own init code
@@ -182,7 +183,9 @@ def prepare_model(model: nn.Module) -> nn.Module:
     inside = {id(m) for layer in layers for m in layer.modules()}
     for m in model.modules():
         if isinstance(m, TaskAlignment) and id(m) not in inside:
-            for p in m.parameters(recurse=False):
+            # all of it, predictor included: Hugging Face models evaluate the head on a
+            # detached signature (task_context.py) whose backward no module hook announces
+            for p in m.parameters():
                 register_external_parameter(model, p)
     return model
 
