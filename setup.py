@@ -15,6 +15,8 @@ setup(
         "deepspeed": ["deepspeed>=0.16", "tensorboard", "matplotlib"],
         "megatron": ["megatron-core>=0.12"],
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
+        # diffusers MMDiTs (Qwen-Image, Flux, SD3) with TAG-MoE FFNs: docs/diffusion.md
+        "diffusion": ["diffusers>=0.42", "safetensors>=0.4"],
         "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
     },
 )

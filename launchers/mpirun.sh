@@ -30,8 +30,10 @@ elif ! python -c "import tagmoe_dist, deepspeed" 2>/dev/null; then
     die "no virtual environment at $VENV and this python cannot import tagmoe_dist + deepspeed; run '. scripts/setup.sh' once, or set TAGMOE_VENV"
 fi
 command -v mpirun >/dev/null || die "mpirun is not on PATH (Debian: apt-get install openmpi-bin libopenmpi-dev)"
-# DeepSpeed JIT-builds its comm op once into this cache (tagmoe_dist.launch checks it for stale locks).
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
+# Compiled code is loaded from this cache (DeepSpeed's JIT op, the native MoE kernel): keep it
+# per user and private, never in the repository (often group-writable; see docs/reliability.md).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tagmoe_dist/torch_extensions}"
+(umask 077 && mkdir -p "$TORCH_EXTENSIONS_DIR")
 export PYTHONUNBUFFERED=1
 cd "$ROOT"
 

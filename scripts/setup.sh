@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in .venv with torch 2.13.0 (CPU build where that is
-# what pip finds), DeepSpeed, Megatron-core, transformers and this package (editable).
+# what pip finds), DeepSpeed, Megatron-core, transformers, diffusers and this package (editable).
 # Source it (`. scripts/setup.sh`) to get the environment in the current shell.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,13 +13,14 @@ fi
 . "$VENV/bin/activate"
 stamp="$VENV/.tagmoe-$(cat "$ROOT/setup.py" "$ROOT/scripts/setup.sh" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  echo "[setup] installing torch==2.13.0 and tagmoe-dist[deepspeed,megatron,hf,test] (a few minutes the first time)"
+  echo "[setup] installing torch==2.13.0 and tagmoe-dist[deepspeed,megatron,hf,diffusion,test] (a few minutes the first time)"
   pip install -q --disable-pip-version-check "torch==2.13.0" setuptools wheel ninja
   # DeepSpeed's setup imports torch: build it against the torch just installed, not a fresh one.
-  pip install -q --disable-pip-version-check --no-build-isolation -e "$ROOT[deepspeed,megatron,hf,test]"
+  pip install -q --disable-pip-version-check --no-build-isolation -e "$ROOT[deepspeed,megatron,hf,diffusion,test]"
   touch "$stamp"
 fi
-# DeepSpeed JIT-builds a C++ op on first use; keep its build cache inside the project so a killed
-# build (stale lock) never blocks other projects, and tagmoe_dist.launch can find it.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.torch_extensions}"
+# Compiled code is loaded from this cache (DeepSpeed's JIT op, the native MoE kernel): keep it
+# per user and private, never in the repository (often group-writable; see docs/reliability.md).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tagmoe_dist/torch_extensions}"
+(umask 077 && mkdir -p "$TORCH_EXTENSIONS_DIR")
 export TAGMOE_ROOT="$ROOT"

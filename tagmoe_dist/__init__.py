@@ -10,3 +10,12 @@ from tagmoe_dist.tasks import UNKNOWN, TaskLevel, TaskSchema
 
 __all__ = ["AuxLossAutoScaler", "MoEConfig", "MoELayer", "ParallelGroups", "TaskAlignment",
            "TaskLevel", "TaskSchema", "UNKNOWN", "extract_task_submodel", "plan_overlap"]
+
+
+def __getattr__(name):
+    # tm.hf imports transformers, tm.diffusers imports diffusers: only when first used
+    if name in ("hf", "diffusers"):
+        import importlib
+        return importlib.import_module("tagmoe_dist.hf" if name == "hf"
+                                       else "tagmoe_dist.integrations.diffusers")
+    raise AttributeError(f"module 'tagmoe_dist' has no attribute {name!r}")

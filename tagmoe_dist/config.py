@@ -7,6 +7,7 @@ internal invariants only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Union
 
 ROUTERS = ("topk", "task_aware", "task_level")
@@ -96,6 +97,10 @@ class MoEConfig:
     debug_checks: bool = False                # host-syncing checks (non-finite logits)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):   # NaN passes every comparison below: refuse it first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"MoEConfig.{f.name}={value} is not a finite number")
         for f in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k", "min_capacity",
                   "task_embed_dim", "align_dim", "align_hidden"):
             _positive_int(f, getattr(self, f))

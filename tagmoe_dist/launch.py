@@ -31,6 +31,8 @@ import zlib
 from pathlib import Path
 from typing import Mapping
 
+from tagmoe_dist.ports import free_port  # noqa: F401  (also tagmoe_dist.launch.free_port)
+
 LAUNCHERS = ("auto", "torchrun", "deepspeed", "ompi", "slurm", "mpi4py", "single")
 # Where rank, world_size, local_rank, local_world_size come from (named in validation errors).
 VARS = {"torchrun": "RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE",
@@ -119,12 +121,6 @@ def expand_tasks_per_node(spec: str) -> list[int]:
 def slurm_port(job_id: int, step_id: int = 0) -> int:
     """Port in [10000, 30000), below Linux's ephemeral range; the step id separates steps."""
     return 10000 + (job_id * 8 + step_id) % 20000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 # ---- one mapping per launcher -------------------------------------------------------------
@@ -234,6 +230,16 @@ def detect_launcher(env: Mapping[str, str]) -> str:
     if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
         return "slurm"
     return "mpi4py" if "PMIX_RANK" in env or "PMI_RANK" in env else "single"
+
+
+_LAUNCHER_NAMES = {"torchrun": "torchrun", "deepspeed": "the deepspeed launcher",
+                   "slurm": "srun (SLURM)", "ompi": "mpirun (Open MPI)",
+                   "mpi4py": "MPI (mpi4py)", "single": "no launcher (one process)"}
+
+
+def launcher_name(launcher: str) -> str:
+    """How a user calls the launcher `detect_launcher` found (for the trainer's launch line)."""
+    return _LAUNCHER_NAMES.get(launcher, launcher)
 
 
 def discover(env: Mapping[str, str] | None = None, launcher: str = "auto") -> LaunchInfo:

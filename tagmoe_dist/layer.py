@@ -308,10 +308,12 @@ def plan_overlap(model: nn.Module, tokens: Optional[int] = None) -> int:
         if g.ep_size == 1 or cfg.overlap_chunks != "auto":
             continue
         w = layer.experts.w2
-        key = (id(g.ep_group), cfg.hidden_size, w.shape[1], cfg.activation, w.device, w.dtype)
+        # ZeRO-3 (integrations/zero3.py): outside forward w2 is a 1-D partition; ds_shape is whole
+        F_ = tuple(getattr(w, "ds_shape", w.shape))[1]
+        key = (id(g.ep_group), cfg.hidden_size, F_, cfg.activation, w.device, w.dtype)
         if key not in measured:
             rows = (tokens or 2048) * cfg.top_k // max(1, layer.experts.num_local_experts)
-            measured[key] = measure_rates(g, cfg.hidden_size, w.shape[1], rows=max(64, min(rows, 4096)),
+            measured[key] = measure_rates(g, cfg.hidden_size, F_, rows=max(64, min(rows, 4096)),
                                           activation=cfg.activation, reps=3, device=w.device,
                                           dtype=w.dtype)
         layer.dispatcher.rates = measured[key]

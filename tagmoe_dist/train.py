@@ -25,17 +25,18 @@ import torch
 import torch.distributed as dist
 
 from tagmoe_dist import faults
-from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, eval_splits
+from tagmoe_dist.checkpoint import engine as ckpt
+from tagmoe_dist.data import SyntheticTextTasks, TaskCollator, check_vocab, eval_splits
 from tagmoe_dist.layer import plan_overlap
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
-from tagmoe_dist.training import checkpoint as ckpt
-from tagmoe_dist.training.logging import MetricLogger
+from tagmoe_dist.training import evaluation, guard, run_dir
+from tagmoe_dist.training.logging import MetricLogger, silence_known_deprecations
 
 TRAIN_DEFAULTS: Dict[str, Any] = dict(
     seed=0, ep_size=1, steps=100, batch_size_per_rank=8, grad_accum=1, lr=1e-3, min_lr=1e-4,
     warmup_steps=10, weight_decay=0.0, grad_clip=1.0, eval_interval=50, eval_samples_per_task=32,
     log_interval=10, checkpoint_interval=0, log_dir="runs/default", data="synthetic",
-    eval_data="", tokenizer="byte", heartbeat_timeout_s=60.0)
+    eval_data="", tokenizer="byte", heartbeat_timeout_s=60.0, keep_last=0)
 
 
 def parse_args(argv=None):
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     ap.add_argument("--config", required=True, help="model + training YAML (configs/models/*.yaml)")
     ap.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (configs/deepspeed/*.json)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log_dir")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start afresh in a log_dir that holds an earlier run (its checkpoints/, "
+                         "steps.jsonl and tb/ are deleted)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="override train.* keys, e.g. --set steps=20 log_dir=/tmp/run")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
@@ -68,9 +72,17 @@ def load_train_config(cfg: GPTConfig, overrides) -> Dict[str, Any]:
             train[k] = kind(v) if not isinstance(v, kind) else v
         except (TypeError, ValueError):
             raise ValueError(f"train.{k}={v!r} is not a valid {kind.__name__}") from None
-    for k in ("steps", "batch_size_per_rank", "grad_accum", "ep_size", "eval_samples_per_task"):
+    for k in ("steps", "batch_size_per_rank", "grad_accum", "ep_size", "eval_samples_per_task",
+              "log_interval"):
         if train[k] < 1:
             raise ValueError(f"train.{k} must be >= 1, got {train[k]}")
+    # -- run safety (docs/reliability.md): no NaN/inf setting, no negative retention
+    for k, v in train.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"train.{k}={v} is not a finite number; give a finite value")
+    if train["keep_last"] < 0:
+        raise ValueError(f"train.keep_last must be >= 0 (0 keeps every checkpoint), got "
+                         f"{train['keep_last']}")
     if train["heartbeat_timeout_s"] != 0 and train["heartbeat_timeout_s"] < 2:
         raise ValueError("train.heartbeat_timeout_s must be 0 (watchdog off) or >= 2 seconds, "
                          f"got {train['heartbeat_timeout_s']}")
@@ -107,15 +119,19 @@ def lr_at(step: int, train: Dict[str, Any]) -> float:
 
 class StopFlag:
     """Set by SIGTERM/SIGINT on any rank; agreed on by all ranks once per step (one tiny
-    all-reduce), so every rank writes the same final checkpoint."""
+    all-reduce), so every rank writes the same final checkpoint. A run stopped before its last
+    step then exits 128 + the signal number (143 for SIGTERM), as a shell reports a process
+    killed by it: schedulers and workflow tools must not read an unfinished run as done."""
 
     def __init__(self):
         self.raised = False
+        self.exit_code = 128 + signal.SIGTERM
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         self.raised = True
+        self.exit_code = 128 + signum
 
     def agreed(self) -> bool:
         if not dist.is_initialized():
@@ -148,11 +164,65 @@ class _Cycle(torch.utils.data.Dataset):
         return self.ds[i % len(self.ds)]
 
 
+# --- model-builder hook -------------------------------------------------------------------
+# A model YAML may name a model that builds itself: a Hugging Face causal LM (`hf: <dir>`,
+# integrations/hf/training.py) or a diffusers MMDiT (`diffusers:` section,
+# integrations/diffusers/training.py). Such a config provides build_model and build_data (and a
+# diffusers one collator and batch_loss); the reference GPT is built below otherwise.
+def load_model_config(path: str):
+    from tagmoe_dist.integrations.hf.training import HFModelConfig, is_hf_yaml
+    if is_hf_yaml(path):
+        return HFModelConfig.from_yaml(path)
+    from tagmoe_dist.integrations.diffusers.training import DiffusersModelConfig, is_diffusers_yaml
+    return DiffusersModelConfig.from_yaml(path) if is_diffusers_yaml(path) else GPTConfig.from_yaml(path)
+
+
+def build_model(cfg, groups, schema):
+    if hasattr(cfg, "build_model"):
+        return cfg.build_model(groups, schema)
+    return GPT(cfg, groups=groups, task_schema=schema)
+
+
+def model_logits(engine, model, batch, device):
+    kwargs = {"task": batch["task_multi_hot"].to(device)}
+    if getattr(model, "takes_attention_mask", False):
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)
+    return engine(batch["input_ids"].to(device), **kwargs)
+
+
+def make_collator(cfg, schema):
+    return cfg.collator(schema) if hasattr(cfg, "collator") else TaskCollator(schema)
+
+
+def batch_loss(engine, model, cfg, batch, device) -> torch.Tensor:
+    """Per-sample loss [B] of one collated batch."""
+    if hasattr(cfg, "batch_loss"):
+        return cfg.batch_loss(engine, batch, device)
+    logits = model_logits(engine, model, batch, device)
+    return lm_loss(logits, batch["labels"].to(device), per_sample=True)
+
+
+@torch.no_grad()
+def evaluate_loss_only(engine, model, sets, collate, device, cfg) -> Dict[str, float]:
+    """Held-out loss per task for models without token logits (diffusers: flow matching)."""
+    model.eval()
+    try:
+        return {name: float(batch_loss(engine, model, cfg, collate([ds[i] for i in range(len(ds))]),
+                                       device).mean()) for name, ds in sets.items()}
+    finally:
+        model.train()
+# --- end of the model-builder hook ---------------------------------------------------------
+
+
 def build_data(cfg, train: Dict[str, Any], schema):
     """The built-in workload (train.data=synthetic) or the user's JSONL (train.data=FILE.jsonl,
     optional train.eval_data=FILE.jsonl whose records are evaluated per task)."""
+    if hasattr(cfg, "build_data"):      # model-builder hook: the model's own workload
+        data, evals = cfg.build_data(train, schema)
+        return _Cycle(data), evals
     if train["data"] == "synthetic":
         data = SyntheticTextTasks(10 ** 9, seq_len=cfg.seq_len, seed=train["seed"], schema=schema)
+        check_vocab(data.tokenizer, cfg.vocab_size)
         evals = eval_splits(train["eval_samples_per_task"], seq_len=cfg.seq_len, seed=train["seed"],
                             schema=schema)
         return data, evals
@@ -160,9 +230,7 @@ def build_data(cfg, train: Dict[str, Any], schema):
     if schema is None:
         raise ValueError("train.data=<jsonl> needs a task schema: set task_schema in the model YAML")
     tok = load_tokenizer(None if train["tokenizer"] == "byte" else train["tokenizer"])
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"train.tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
-                         f"{cfg.vocab_size}; raise vocab_size in the model YAML")
+    check_vocab(tok, cfg.vocab_size)
     data = JsonlTextDataset(train["data"], schema, seq_len=cfg.seq_len, tokenizer=tok)
     evals = {}
     if train["eval_data"]:
@@ -175,21 +243,10 @@ def build_data(cfg, train: Dict[str, Any], schema):
     return _Cycle(data), evals
 
 
-@torch.no_grad()
-def evaluate(engine, model, sets, collate, device) -> Dict[str, float]:
-    model.eval()
-    out = {}
-    for name, ds in sets.items():
-        batch = collate([ds[i] for i in range(len(ds))])
-        logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
-        out[name] = float(lm_loss(logits, batch["labels"].to(device)))
-    model.train()
-    return out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = GPTConfig.from_yaml(args.config)
+    silence_known_deprecations()
+    cfg = load_model_config(args.config)
     train = load_train_config(cfg, args.set)
 
     from tagmoe_dist.integrations import deepspeed as tds
@@ -197,7 +254,7 @@ def main(argv=None) -> int:
     check_extension_locks()
     # Everything that can be wrong with the input is checked before any process group waits,
     # so a bad config fails on every rank at once instead of hanging the healthy ones.
-    from tagmoe_dist.launch import discover
+    from tagmoe_dist.launch import discover, launcher_name
     world = discover().world_size
     if world % train["ep_size"] != 0:
         raise ValueError(f"train.ep_size={train['ep_size']} does not divide the {world} processes; "
@@ -205,33 +262,52 @@ def main(argv=None) -> int:
     ds_config = load_ds_config(args.deepspeed_config, train, world)
     schema = cfg.load_task_schema()
     data, evals = build_data(cfg, train, schema)
+    run_dir.check_fresh(Path(train["log_dir"]), args.resume, args.overwrite)
+    launcher = discover().launcher                     # before init_distributed rewrites the env
     tds.init_distributed()
-    # A rank that dies or hangs makes the others exit (code 75) naming it, within the timeout.
-    with faults.Watchdog.start(train["heartbeat_timeout_s"]):
-        return _train(args, cfg, train, ds_config, world, schema, data, evals)
+    if dist.get_rank() == 0:
+        info = discover()
+        print(f"launch: {world} processes via {launcher_name(launcher)}, master "
+              f"{info.master_addr}:{info.master_port}", file=sys.stderr)
+    # A rank that dies, hangs or stops making progress (e.g. stuck writing a checkpoint) makes
+    # the others exit (code 75) naming it, within the timeout (tagmoe_dist/faults.py).
+    with faults.Watchdog.start(train["heartbeat_timeout_s"]) as watchdog:
+        return _train(args, cfg, train, ds_config, world, schema, data, evals, watchdog)
 
 
 def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any], world: int,
-           schema, data, evals) -> int:
+           schema, data, evals, watchdog) -> int:
     import deepspeed
     from tagmoe_dist.integrations import deepspeed as tds
     rank = dist.get_rank()
-    if rank == 0:
-        from tagmoe_dist.launch import discover
-        info = discover()
-        print(f"launch: {world} processes via {info.launcher}, master {info.master_addr}:"
-              f"{info.master_port}", file=sys.stderr)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    # -- run safety: verify and compare the checkpoint before building anything (docs/reliability.md)
+    log_dir = Path(train["log_dir"])
+    ckpt_dir = log_dir / "checkpoints"
+    run_config = ckpt.effective_config(cfg, train)
+    resume = None
+    if args.resume:
+        explicit = [item.split("=", 1)[0] for item in args.set]
+        resume = ckpt.prepare_resume(ckpt_dir, run_config, explicit, world,
+                                     train["ep_size"] if not cfg.is_dense else None)
+    elif args.overwrite:
+        if rank == 0:
+            for p in run_dir.clear(log_dir):
+                print(f"--overwrite: removed {p}", file=sys.stderr)
+        dist.barrier()
+    # --
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
-    model = GPT(cfg, groups=groups, task_schema=schema).to(device)
-    if model.alignment is not None and train["data"] == "synthetic":
+    with tds.build_context(ds_config):      # ZeRO-3: partitioned as it is built (zero3.py)
+        model = build_model(cfg, groups, schema).to(device)
+    alignment = getattr(model, "alignment", None)
+    if alignment is not None and train["data"] == "synthetic" and not hasattr(cfg, "build_data"):
         # TAG accuracy and collapse monitor against the targets of every built-in task
         from tagmoe_dist.data.synthetic import TEXT_TASKS
-        model.alignment.set_candidates([dict(t.descriptor) for t in TEXT_TASKS])
+        alignment.set_candidates([dict(t.descriptor) for t in TEXT_TASKS])
     if not cfg.is_dense:
-        tds.prepare_model(model)
+        tds.prepare_model(model, ds_config)
     # overlap_chunks="auto": rates measured once here, never inside forward (collective)
     plan_overlap(model)
     model.set_aux_loss_scale(1.0 / train["grad_accum"])
@@ -242,21 +318,24 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                                    optimizer=optimizer, config=ds_config)
 
-    log_dir = Path(train["log_dir"])
-    ckpt_dir = log_dir / "checkpoints"
     start = 0
-    if args.resume:
-        start = ckpt.load(engine, ckpt_dir, train["ep_size"] if not cfg.is_dense else None)
-    elif rank == 0 and ckpt.has_checkpoint(ckpt_dir):
-        print(f"note: {ckpt_dir} already holds checkpoints; pass --resume to continue from them",
-              file=sys.stderr)
+    if resume is not None:
+        start = ckpt.load(engine, ckpt_dir, resume=resume)
     if rank == 0:
         ckpt.write_run_config(ckpt_dir, args.config, cfg, schema, train, ds_config)
 
     dp_rank, dp_world = rank, world
-    collate = TaskCollator(data.schema)
+    collate = make_collator(cfg, data.schema)
     logger = MetricLogger(log_dir, model, data.task_names, rank == 0, start, train["steps"])
     stop = StopFlag()
+
+    saved = []
+
+    def save(done: int) -> None:              # a write that hangs is named (faults.py, step 5)
+        watchdog.progress(f"writing checkpoint step_{done}")
+        ckpt.save(engine, ckpt_dir, done, config=run_config, keep_last=train["keep_last"])
+        saved.append(done)
+        watchdog.progress(f"step {done + 1}")
 
     step = start
     for step in range(start, train["steps"]):
@@ -265,29 +344,45 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
         t0 = time.perf_counter()
         for micro in range(train["grad_accum"]):
             batch = collate([data[i] for i in batch_indices(step, micro, train, dp_rank, dp_world)])
-            logits = engine(batch["input_ids"].to(device), task=batch["task_multi_hot"].to(device))
-            loss_B = lm_loss(logits, batch["labels"].to(device), per_sample=True)
+            loss_B = batch_loss(engine, model, cfg, batch, device)
             loss = loss_B.mean()
             engine.backward(loss)
             engine.step()
             logger.observe(loss_B.detach(), batch)
+        try:  # -- run safety: a NaN/inf loss or gradient norm stops the run, uncheckpointed
+            guard.check_finite(step, float(loss.detach()), engine.get_global_grad_norm(), device)
+        except ckpt.NonFiniteError as e:
+            logger.close()
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
         for layer in model.moe_layers():
             layer.update_expert_bias()
         tokens = int(batch["attention_mask"].sum()) * train["grad_accum"] * world
         logger.step_done(step, float(loss.detach()), tokens, time.perf_counter() - t0,
                          log=(step + 1) % train["log_interval"] == 0)
         done = step + 1
+        watchdog.progress(f"step {done + 1}")
         if train["eval_interval"] and (done % train["eval_interval"] == 0 or done == train["steps"]):
-            logger.log_eval(done, evaluate(engine, model, evals, collate, device))
+            if hasattr(cfg, "batch_loss"):
+                logger.log_eval(done, evaluate_loss_only(engine, model, evals, collate, device, cfg))
+            else:
+                logger.log_eval(done, *evaluation.evaluate(
+                    engine, model, evals, collate, device, watchdog.progress,
+                    logits_fn=lambda batch: model_logits(engine, model, batch, device)))
         if stop.agreed():
-            ckpt.save(engine, ckpt_dir, done)
+            save(done)
             logger.message(f"stopped by signal at step {done}; checkpoint written")
             logger.close()
-            return 0
+            return stop.exit_code if done < train["steps"] else 0
         if train["checkpoint_interval"] and done % train["checkpoint_interval"] == 0:
-            ckpt.save(engine, ckpt_dir, done)
+            save(done)
     if train["steps"] > start:
-        ckpt.save(engine, ckpt_dir, train["steps"])
+        if saved[-1:] != [train["steps"]]:
+            save(train["steps"])
+        if evals and not hasattr(cfg, "build_data"):   # the built-in GPT; every rank: EP forwards
+            logger.show_answers(evaluation.format_answers(
+                evaluation.greedy_answers(engine, model, evals, collate, device)))
     logger.close()
     return 0
 

@@ -46,12 +46,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+from tagmoe_dist.ports import free_port
 
 PREFIX = "tmoe"
 SUBNET = "10.200.0"          # /24, inside the namespaces only
@@ -185,12 +186,6 @@ class ClusterResult:
             raise RuntimeError(("timed out; " if self.timed_out else "") + "ranks failed:\n" +
                                "\n".join(lines))
         return self
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: Sequence[str]) -> None:
@@ -355,7 +350,7 @@ class NetnsCluster:
         timeout otherwise). After `timeout` seconds all are killed and `timed_out` is set.
         """
         self.start()
-        port = master_port or (29500 + secrets.randbelow(20000) if self.isolated else _free_port())
+        port = master_port or (29500 + secrets.randbelow(20000) if self.isolated else free_port("127.0.0.1"))
         fields = dict(world_size=self.n, master_addr=self.master_addr, master_port=port)
         outs = []
         self._procs = []

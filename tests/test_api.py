@@ -8,6 +8,7 @@ import torch
 
 import tagmoe_dist as tm
 from tests.dist_utils import run_distributed
+from tests.tolerance import REL_FP32, assert_rel_close, assert_exact
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = tm.TaskSchema.from_yaml(ROOT / "configs/tasks/tagmoe_paper.yaml")
@@ -30,7 +31,7 @@ def test_schema_yaml_round_trip(tmp_path):
                                     "preservation": ["identity"]}
     ids = SCHEMA.ids([{"scope": "generation"}, {"type": "pose", "scope": tm.UNKNOWN}])
     assert ids.tolist() == [[6, -1, -1], [-1, 3, -1]]
-    torch.testing.assert_close(SCHEMA.to_multi_hot(ids), SCHEMA.multi_hot(
+    assert_exact(SCHEMA.to_multi_hot(ids), SCHEMA.multi_hot(
         [{"scope": "generation"}, {"type": "pose"}]))
     plain = tm.TaskSchema.from_dict({"levels": {"scope": ["global", "local"]}})
     assert plain.levels[0].multi is False
@@ -119,9 +120,9 @@ def test_layouts_agree():
         layer.load_state_dict(sd)
         out = layer(x, task=task, **kw)
         back = out.transpose(0, 1) if layout == "sbh" else out.view(3, 5, 16)
-        torch.testing.assert_close(back, y, atol=1e-6, rtol=0)
+        assert_rel_close(back, y, REL_FP32, layout)
         for k, v in losses.items():
-            torch.testing.assert_close(layer.last_losses[k], v, atol=1e-6, rtol=0)
+            assert_rel_close(layer.last_losses[k], v, REL_FP32, f"{layout} {k}")
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
@@ -137,9 +138,9 @@ def test_chunking_does_not_change_results(activation):
     g = torch.randn(3, 9, 16)
     a(xa).backward(g)
     b(xb).backward(g)
-    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-6, rtol=0)
+    assert_rel_close(xb.grad, xa.grad, REL_FP32, "dx")
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-6, rtol=0, msg=n)
+        assert_rel_close(pb.grad, pa.grad, REL_FP32, n)
 
 
 # ---------------------------------------------------------------- weights across EP layouts
@@ -159,7 +160,7 @@ def _weights_any_ep(rank, world):
     ep.load_full_state_dict(other.state_dict())
     x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(rank))
     task = torch.tensor([[0, 1, 2], [3, -1, -1]])
-    torch.testing.assert_close(ep(x, task=task), other(x, task=task), atol=1e-6, rtol=0)
+    assert_rel_close(ep(x, task=task), other(x, task=task), REL_FP32)
     with pytest.raises(ValueError, match="missing keys"):
         ep.load_full_state_dict({k: v for k, v in full.items() if k != "router.weight"})
 
@@ -180,7 +181,7 @@ def test_task_level_submodel_matches_layer():
     assert sum(p.numel() for n, p in sub.named_parameters() if n in ("w1", "w2")) == n_layer // 3
     x = torch.randn(3, 4, 16)
     y = layer(x, task=SCHEMA.multi_hot([desc] * 3))
-    torch.testing.assert_close(sub(x), y, atol=1e-6, rtol=0)
+    assert_rel_close(sub(x), y, REL_FP32)
     with pytest.raises(ValueError, match="router='task_level'"):
         tm.extract_task_submodel(tm.MoELayer(cfg()), desc)
 
@@ -213,7 +214,7 @@ def test_input_jitter_only_in_training():
     x = torch.randn(2, 8, 16)
     layer.eval()
     a, b = layer(x), layer(x)
-    torch.testing.assert_close(a, b)                 # no noise at evaluation
+    assert_rel_close(a, b, REL_FP32)                 # no noise at evaluation
     layer.train()
     logits = [layer.router.compute_logits(x.reshape(-1, 16), None, None) for _ in range(2)]
     assert not torch.equal(logits[0], logits[1])      # multiplicative noise while training
@@ -227,7 +228,7 @@ def _eval_equals_train_forward(rank, world):
     with torch.no_grad():
         a = layer(x)
     b = layer(x)
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert_exact(a, b)
     assert not a.requires_grad and b.requires_grad
 
 

@@ -72,7 +72,9 @@ def test_mpirun_mpi4py_discovery_only(mpi):
 
 @pytest.fixture(scope="module")
 def slurm(mpi):  # mpi: the srun --mpi=pmix step below needs mpi4py
-    env = {**BASE_ENV, "TAGMOE_SLURM_DIR": str(SLURM_DIR)}
+    # OMP_NUM_THREADS=1, as clusters and our own scripts export it: the node must still get
+    # every CPU (nproc --all), or 2-task jobs could never start.
+    env = {**BASE_ENV, "TAGMOE_SLURM_DIR": str(SLURM_DIR), "OMP_NUM_THREADS": "1"}
     _script("setup_slurm.sh", timeout=600, env=env)
     yield {**env, "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}
     _script("stop_slurm.sh", timeout=120, env=env)

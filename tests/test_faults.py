@@ -16,7 +16,7 @@ import pytest
 from tagmoe_dist import faults
 from tagmoe_dist.faults import (EXIT_LOST_RANK, HeartbeatTracker, Lost, ProcessId, node_peers,
                                 watched_peers)
-from tagmoe_dist.launch import free_port
+from tagmoe_dist.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "OMPI_", "PMIX_", "PMI_",
@@ -97,9 +97,11 @@ def test_start_validates_and_is_off_when_alone():
 
 # argv: mode, timeout_s. Modes: "collectives" (all-reduce in a loop), "idle" (no collectives),
 # "raise" (all-reduce 5 times, then ValueError), "leave" (leave the watchdog after 1 s, exit 0),
-# "linger" (idle 3 s after start, leave, exit 0).
+# "linger" (idle 3 s after start, leave, exit 0), "progress" (all-reduce and report progress in
+# a loop, as the trainer does), "fifo" (as "progress", then at step 20 "write a checkpoint" into
+# the FIFO $FIFO that nobody reads: open() blocks in the kernel, the watchdog thread runs on).
 WORKER = r"""
-import sys, time
+import os, sys, time
 import torch, torch.distributed as dist
 from tagmoe_dist import faults
 from tagmoe_dist.launch import init_distributed
@@ -108,12 +110,18 @@ mode, timeout_s = sys.argv[1], float(sys.argv[2])
 info = init_distributed("gloo", timeout_s=300)
 t = torch.ones(1)
 dist.all_reduce(t)
-with faults.Watchdog.start(timeout_s=timeout_s, interval_s=0.2):
-    print(f"rank {info.rank} ready", flush=True)
+with faults.Watchdog.start(timeout_s=timeout_s, interval_s=0.2) as wd:
+    print(f"rank {info.rank} ready, store {wd.store_name}", flush=True)
     t0 = time.time()
     for step in range(10 ** 9):
-        if mode in ("collectives", "raise"):
+        if mode in ("collectives", "raise", "progress", "fifo"):
             dist.all_reduce(t)
+        if mode in ("progress", "fifo"):
+            wd.progress(f"step {step}")
+        if mode == "fifo" and step == 20:
+            wd.progress("writing checkpoint step_20")
+            with open(os.environ["FIFO"], "wb") as f:
+                f.write(b"weights")
         if mode == "raise" and step == 5:
             raise ValueError("boom on purpose")
         if mode == "leave" and time.time() - t0 > 1:
@@ -125,9 +133,10 @@ print(f"rank {info.rank} left normally", flush=True)
 """
 
 
-def _start(modes, timeout_s, tmp_path):
+def _start(modes, timeout_s, tmp_path, **extra_env):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}
+    env.update(extra_env)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(len(modes)),
                LOCAL_WORLD_SIZE=str(len(modes)), OMP_NUM_THREADS="1")
     procs = []
@@ -223,3 +232,78 @@ def test_ranks_leaving_normally_are_not_reported(tmp_path):
     logs = _log(tmp_path, 0) + _log(tmp_path, 1)
     assert rcs == [0, 0], logs
     assert "lost rank" not in logs and logs.count("left normally") == 2, logs
+
+
+def test_rank_stuck_writing_a_checkpoint_is_named(tmp_path):
+    """Rank 1 blocks in I/O (opening a FIFO nobody reads, as a checkpoint write to a hung file
+    system would) while its watchdog thread keeps beating; rank 0 waits for it in an all-reduce.
+    Rank 1's own progress check names it, with what it was doing, within the timeout."""
+    fifo = tmp_path / "step_20.pt"
+    os.mkfifo(fifo)
+    procs = _start(["progress", "fifo"], timeout_s=3, tmp_path=tmp_path, FIFO=str(fifo))
+    try:
+        t0 = time.time()
+        rcs = [_wait(p, timeout=30) for p in procs]
+        took = time.time() - t0
+    finally:
+        _kill(procs)
+    logs = [_log(tmp_path, r) for r in (0, 1)]
+    assert rcs == [EXIT_LOST_RANK, EXIT_LOST_RANK], f"{rcs}\n{logs[0]}\n{logs[1]}"
+    want = "lost rank 1 (no training progress for 3 s while writing checkpoint step_20; main thread"
+    assert f"watchdog: rank 0: {want}" in logs[0], logs[0]
+    assert "watchdog: rank 1: stuck (no training progress" in logs[1], logs[1]
+    assert took < 15, f"took {took:.1f} s"
+
+
+def _listening(port: int) -> set:
+    """Local addresses (ip, as in /proc/net/tcp) listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            ip, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:
+                found.add(ip)
+    return found
+
+
+def test_store_is_loopback_only_and_forged_verdicts_are_ignored(tmp_path):
+    """Single machine: the watchdog's store listens on 127.0.0.1 only. A process that reaches it
+    anyway (here: on this machine) and writes a "lost" verdict, "done" marks or a fake process
+    announcement without the run's key does not stop the job or hide a rank."""
+    import datetime
+    import torch.distributed as dist
+    procs = _start(["progress", "progress"], timeout_s=2, tmp_path=tmp_path)
+    try:
+        line = next(ln for ln in _log(tmp_path, 0).splitlines() if "ready, store" in ln)
+        host, port = line.rsplit(" ", 1)[1].split(":")
+        assert host == "127.0.0.1"
+        assert _listening(int(port)) == {"0100007F"}, _listening(int(port))   # 127.0.0.1 only
+        outsider = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                                 timeout=datetime.timedelta(seconds=10))
+        forged = Lost(1, "forged by an outsider").encode()
+        outsider.set(f"{faults.PREFIX}lost", forged)
+        outsider.append(f"{faults.PREFIX}lost", "\n" + faults.sign(b"guess", "x", forged) + "\n")
+        for r in (0, 1):
+            outsider.set(f"{faults.PREFIX}done/{r}", "1")
+        time.sleep(3)                           # 15 watchdog intervals
+        assert all(p.poll() is None for p in procs), [_log(tmp_path, r) for r in (0, 1)]
+        # the forged "done" marks hide nothing: a killed rank is still reported
+        procs[1].send_signal(signal.SIGKILL)
+        rc = _wait(procs[0], timeout=30)
+    finally:
+        _kill(procs)
+    log = _log(tmp_path, 0)
+    assert rc == EXIT_LOST_RANK and "lost rank 1 (its process" in log, log
+    assert "forged" not in log
+
+
+def test_signed_values():
+    key = b"k" * 32
+    raw = faults.sign(key, "a", "payload")
+    assert faults.verify(key, "a", raw) == "payload"
+    assert faults.verify(key, "b", raw) is None                  # not replayable under another key
+    assert faults.verify(b"x" * 32, "a", raw) is None
+    assert faults.verify(key, "a", b"garbage") is None and faults.verify(key, "a", "[1, 2]") is None

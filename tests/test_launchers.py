@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tagmoe_dist.ports import free_port
 from tests.test_cluster_launch import BASE_ENV, mpi, slurm  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +32,6 @@ RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
 KILL_BOUND_S = 60  # a rank killed mid-training: the job must be over within this
 # Outputs are read with errors="replace": two ranks' progress bars interleave in one stream and
 # can cut a multi-byte character.
-
-
-def _free_port() -> int:
-    from tagmoe_dist.launch import free_port
-    return free_port()
 
 
 def _script(name: str, *args: str, log_dir: Path, steps: int):
@@ -150,16 +146,36 @@ def test_scripts_parse_and_refuse_bad_settings(tmp_path):
     assert r.returncode != 0 and "set SRC and DST" in r.stderr, r.stderr
 
 
+def test_compiled_code_cache_is_private_and_outside_the_repository(tmp_path):
+    # Every script's TORCH_EXTENSIONS_DIR default (DeepSpeed's JIT op and the native kernel are
+    # loaded from it): under the user's cache, created 0700, never inside the repository.
+    scripts = [*LAUNCHERS.glob("*.sh"), *LAUNCHERS.glob("slurm/*.sbatch"),
+               ROOT / "scripts" / "setup.sh"]
+    for script in scripts:
+        lines = [ln for ln in script.read_text().splitlines()
+                 if ln.startswith(("export TORCH_EXTENSIONS_DIR=", "(umask 077"))]
+        if not any("TORCH_EXTENSIONS_DIR" in ln for ln in lines):
+            continue                                   # local.sh: takes setup.sh's
+        home = tmp_path / script.stem
+        env = {"PATH": ENV["PATH"], "HOME": str(home), "ROOT": str(ROOT)}
+        r = subprocess.run(["bash", "-c", "\n".join(lines) + '\necho "$TORCH_EXTENSIONS_DIR"'],
+                           env=env, capture_output=True, text=True, timeout=30)
+        where = Path(r.stdout.strip())
+        assert r.returncode == 0 and home in where.parents, (script, r.stdout, r.stderr)
+        assert oct(where.stat().st_mode & 0o777) == "0o700", script
+
+
 # ---- clean runs ----------------------------------------------------------------------------
 
 def test_deepspeed_sh_hostfile_trains(tmp_path):
     log_dir = tmp_path / "run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    env = {**ENV, "HOSTFILE": str(hostfile), "MASTER_PORT": str(_free_port())}
+    env = {**ENV, "HOSTFILE": str(hostfile), "MASTER_PORT": str(free_port())}
     r = _run(_script("deepspeed.sh", log_dir=log_dir, steps=3), timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "WORLD INFO DICT: {'localhost': [0, 1]}" in r.stdout + r.stderr
+    assert "launch: 2 processes via the deepspeed launcher" in r.stdout + r.stderr
     assert _steps(log_dir) == [1, 2, 3]
     _assert_two_ranks_checkpointed(log_dir, 3)
 
@@ -169,6 +185,7 @@ def test_mpirun_sh_trains(mpi, tmp_path):
     env = {**ENV, "MPIRUN_ARGS": "--oversubscribe"}
     r = _run(_script("mpirun.sh", log_dir=log_dir, steps=3), timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "launch: 2 processes via mpirun (Open MPI)" in r.stdout + r.stderr
     assert _steps(log_dir) == [1, 2, 3]
     _assert_two_ranks_checkpointed(log_dir, 3)
 
@@ -205,14 +222,30 @@ def _cancel(slurm_env, name):
     subprocess.run(["scancel", "--name", name], env=slurm_env, capture_output=True, timeout=30)
 
 
-def _finish(proc, timeout, out: Path) -> int:
-    try:
-        proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail(f"sbatch --wait did not return in {timeout}s:\n"
-                    f"{_text(out)[-3000:]}")
+def _never_starts(slurm_env, name) -> str:
+    """The reason a pending job can never start (its request exceeds what the partition has),
+    or "" while it may still start."""
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%T %r"], env=slurm_env,
+                         capture_output=True, text=True, timeout=30).stdout.split()
+    return out[1] if out[:1] == ["PENDING"] and out[1:2] == ["PartitionConfig"] else ""
+
+
+def _finish(proc, timeout, out: Path, slurm_env=None, name=None) -> int:
+    """sbatch --wait's exit code; fails at once when the job can never start (instead of
+    waiting for the timeout), and when it does not end within `timeout`."""
+    deadline = time.time() + timeout
+    while proc.poll() is None:
+        if slurm_env is not None and (why := _never_starts(slurm_env, name)):
+            _cancel(slurm_env, name)
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"job {name} can never start here (Reason={why})")
+        if time.time() > deadline:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"sbatch --wait did not return in {timeout}s:\n{_text(out)[-3000:]}")
+        time.sleep(0.5)
+    proc.communicate()
     return proc.returncode
 
 
@@ -240,13 +273,14 @@ def test_sbatch_trains_is_preempted_requeued_and_resumes(slurm, tmp_path):
         time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job['id']}", "StartTime=now"], env=slurm,
                        check=True, timeout=30)
-        rc = _finish(proc, 300, out)
+        rc = _finish(proc, 300, out, slurm, name)
     finally:
         if proc.poll() is None:
             _cancel(slurm, name)
             proc.kill()
     text = _text(out)
     assert rc == 0, text[-4000:]
+    assert "launch: 2 processes via srun (SLURM)" in text, text[-4000:]
     m = re.search(r"stopped by signal at step (\d+); checkpoint written", text)
     assert m, text[-4000:]
     stopped = int(m.group(1))
@@ -257,13 +291,71 @@ def test_sbatch_trains_is_preempted_requeued_and_resumes(slurm, tmp_path):
     _assert_two_ranks_checkpointed(log_dir, steps)
 
 
+def test_sbatch_term_leaves_an_unfinished_run_failed_not_completed(slurm, tmp_path):
+    """`scancel --signal=TERM <job>` (no time-limit warning): the tasks checkpoint and exit 143,
+    so the job does not end COMPLETED 0:0 (sbatch --wait returns the job's exit code)."""
+    log_dir = tmp_path / "run"
+    proc, name, out = _sbatch_wait(slurm, tmp_path, "train.sbatch", "--set", "steps=100000",
+                                   *FAST, env_extra={"LOG_DIR": str(log_dir)})
+    try:
+        _wait_for_steps(log_dir, 2, proc, 240, "train.sbatch")
+        job = _slurm_job(slurm, name)
+        subprocess.run(["scancel", "--signal=TERM", job["id"]], env=slurm, check=True, timeout=30)
+        rc = _finish(proc, 120, out, slurm, name)
+    finally:
+        if proc.poll() is None:
+            _cancel(slurm, name)
+            proc.kill()
+    text = _text(out)
+    assert "stopped by signal at step" in text and "requeueing" not in text, text[-3000:]
+    assert rc != 0 and "train.sbatch: training step ended (exit 143)" in text, (rc, text[-3000:])
+
+
+def test_warning_after_the_last_step_does_not_requeue(slurm, tmp_path):
+    """The time-limit warning arrives once every step is done (final checkpoint, answers,
+    teardown): the job ends COMPLETED, it is not requeued to do nothing minutes later."""
+    log_dir, steps = tmp_path / "run", 3
+    proc, name, out = _sbatch_wait(slurm, tmp_path, "train.sbatch", "--set", f"steps={steps}",
+                                   *FAST, env_extra={"LOG_DIR": str(log_dir)})
+    try:
+        _wait_for_steps(log_dir, steps, proc, 240, "train.sbatch")
+        job = _slurm_job(slurm, name)
+        if job:                  # still tearing down (it usually is: checkpoint, answers)
+            subprocess.run(["scancel", "--batch", "--signal=USR1", job["id"]], env=slurm,
+                           timeout=30)
+        rc = _finish(proc, 120, out, slurm, name)
+    finally:
+        if proc.poll() is None:
+            _cancel(slurm, name)
+            proc.kill()
+    text = _text(out)
+    assert rc == 0 and "requeueing" not in text, text[-3000:]
+    assert text.count("train.sbatch: start ") == 1, text[-3000:]
+    if job:
+        assert "time-limit warning during teardown of a finished run: not requeueing" in text
+
+
+def test_request_the_node_cannot_hold_is_refused_at_submission(slurm, tmp_path):
+    """More CPUs than the node has: refused by sbatch (EnforcePartLimits=ALL in
+    tests/cluster/setup_slurm.sh), not left PENDING with Reason=PartitionConfig forever."""
+    cpus = os.cpu_count()
+    r = subprocess.run(["sbatch", f"--cpus-per-task={cpus + 1}", "--wrap", "true"], env=slurm,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "More processors requested than permitted" in r.stderr, (
+        r.stdout + r.stderr)
+    # and the node has every CPU of the machine, whatever OMP_NUM_THREADS (the fixture sets 1)
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], env=slurm, capture_output=True,
+                         text=True, timeout=30).stdout.split()
+    assert out == [str(cpus)], out
+
+
 # ---- faults: a rank killed mid-training ----------------------------------------------------
 
 def test_torchrun_sh_c10d_rendezvous_rank_killed(tmp_path):
     """Also the multi-node path of torchrun.sh (c10d rendezvous endpoint + id), on one node;
     torchrun's clean exit is covered by test_train."""
     log_dir = tmp_path / "run"
-    env = {**ENV, "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}", "RDZV_ID": uuid.uuid4().hex}
+    env = {**ENV, "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": uuid.uuid4().hex}
     rc, took = _kill_rank_midway(_script("torchrun.sh", log_dir=log_dir, steps=10 ** 6),
                                  log_dir, tmp_path / "out.txt", env=env)
     text = _text(tmp_path / "out.txt")
@@ -273,7 +365,7 @@ def test_torchrun_sh_c10d_rendezvous_rank_killed(tmp_path):
 
 def test_deepspeed_sh_rank_killed(tmp_path):
     log_dir = tmp_path / "run"
-    env = {**ENV, "MASTER_PORT": str(_free_port())}
+    env = {**ENV, "MASTER_PORT": str(free_port())}
     rc, took = _kill_rank_midway(_script("deepspeed.sh", log_dir=log_dir, steps=10 ** 6),
                                  log_dir, tmp_path / "out.txt", env=env)
     text = _text(tmp_path / "out.txt")
@@ -315,7 +407,7 @@ def test_bad_config_fails_fast_under_srun(slurm, tmp_path):
     proc, name, out = _sbatch_wait(slurm, tmp_path, "train.sbatch", "--set", "ep_size=3",
                                    env_extra={"LOG_DIR": str(tmp_path / "run")})
     try:
-        rc = _finish(proc, 120, out)
+        rc = _finish(proc, 120, out, slurm, name)
     finally:
         _cancel(slurm, name)
     text = _text(out)
@@ -344,9 +436,9 @@ def test_upcycle_sbatch(slurm, tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
     proc, name, out = _sbatch_wait(slurm, tmp_path, "upcycle.sbatch", env_extra={
         "SRC": str(tmp_path / "dense"), "DST": str(tmp_path / "moe"), "NUM_EXPERTS": "4",
-        "TOP_K": "2"}, options=["--cpus-per-task=1"])  # the script asks for 4; this node has 2
+        "TOP_K": "2"})                      # CPUs as the node has them: no workaround
     try:
-        rc = _finish(proc, 180, out)
+        rc = _finish(proc, 180, out, slurm, name)
     finally:
         _cancel(slurm, name)
     assert rc == 0, _text(out)[-3000:]

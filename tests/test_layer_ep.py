@@ -9,9 +9,9 @@ import torch
 import tagmoe_dist as tm
 from tests.dist_utils import run_distributed
 from tests.reference import reference_grads
+from tests.tolerance import REL_FP32, assert_rel_close
 
 D, F_, E, K, S = 16, 8, 8, 2, 6
-ATOL = 1e-5
 
 SCHEMA = tm.TaskSchema.from_dict({"levels": {
     "scope": ["local", "global", "generation"],
@@ -86,12 +86,11 @@ def _check_case(rank, world, groups, ci, name, over):
             for r in range(world)}
     y_ref, losses_ref, g_ref, gx_ref = refs[rank]
     where = f"case {name}, ep={world}, rank {rank}"
-    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0, msg=lambda m: f"{where}: output {m}")
-    torch.testing.assert_close(x.grad, gx_ref, atol=ATOL, rtol=0, msg=lambda m: f"{where}: dx {m}")
+    assert_rel_close(y, y_ref, REL_FP32, f"{where}: output")
+    assert_rel_close(x.grad, gx_ref, REL_FP32, f"{where}: dx")
     assert set(layer.last_losses) == set(losses_ref), (where, layer.last_losses, losses_ref)
     for k, v in losses_ref.items():
-        torch.testing.assert_close(layer.last_losses[k], v, atol=ATOL, rtol=0,
-                                   msg=lambda m: f"{where}: loss {k} {m}")
+        assert_rel_close(layer.last_losses[k], v, REL_FP32, f"{where}: loss {k}")
     lo, hi = layer.experts.global_ids[0], layer.experts.global_ids[-1] + 1
     for n, p in layer.named_parameters():
         if n.startswith("experts."):
@@ -99,7 +98,7 @@ def _check_case(rank, world, groups, ci, name, over):
         else:
             want = g_ref[n]
         got = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m: f"{where}: grad {n} {m}")
+        assert_rel_close(got, want, REL_FP32, f"{where}: grad {n}")
 
 
 @pytest.mark.parametrize("kernel", ["native", "torch", "grouped_mm"])

@@ -15,6 +15,7 @@ pytest.importorskip("megatron.core")
 import tagmoe_dist as tm  # noqa: E402
 from tagmoe_dist.task_context import TaskContext  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
+from tests.tolerance import REL_FP32, assert_rel_close  # noqa: E402
 
 SCHEMA = tm.TaskSchema.from_dict({"levels": {"scope": ["local", "global", "gen"],
                                              "type": {"values": ["a", "b", "c"], "multi": True}}})
@@ -30,7 +31,7 @@ def config(pp: int, **kw):
         activation_func=F.silu, moe_aux_loss_coeff=0.05, moe_z_loss_coeff=1e-2,
         moe_shared_expert_intermediate_size=16, moe_shared_expert_gate=True, init_method_std=0.2,
         moe_layer_freq=[1, 1, 0, 1], pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.float32)
+        pipeline_dtype=torch.float32, moe_token_dispatcher_type="alltoall")
     base.update(kw)
     return TransformerConfig(**base)
 
@@ -125,15 +126,13 @@ def _pipeline(rank, world):
         for n, p in stage.named_parameters():
             want = ref_grads.get(global_name(n, offset), torch.zeros_like(p))
             got = p.grad if p.grad is not None else torch.zeros_like(p)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{where}: grad {n} {m}")
+            assert_rel_close(got, want, REL_FP32, f"{where}: grad {n}")
         # logs: Megatron's tracker, reduced over the pipeline as its training loop does
         reduce_aux_losses_tracker_across_ranks()
         logs = {k: v["values"] for k, v in get_moe_layer_wise_logging_tracker().items()}
         assert set(logs) == set(ref_logs), where
         for k in logs:
-            torch.testing.assert_close(logs[k], ref_logs[k], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{where}: log {k} {m}")
+            assert_rel_close(logs[k], ref_logs[k], REL_FP32, f"{where}: log {k}")
         losses = tmm.moe_losses(stage)
         assert set(losses) == set(ref_losses) == {"aux", "z", "align"}, where
         for k in losses:

@@ -13,9 +13,9 @@ from tagmoe_dist.parallel import tensor as tp
 from tagmoe_dist.experts import DenseMLP, GroupedExperts
 from tagmoe_dist.kernels.activations import activation_fn
 from tests.dist_utils import run_distributed
+from tests.tolerance import REL_FP32, assert_rel_close, assert_exact
 
 D, F_, E, K, S = 16, 8, 8, 2, 8
-ATOL = 2e-5
 
 SCHEMA = tm.TaskSchema.from_dict({"levels": {
     "scope": ["local", "global", "generation"],
@@ -49,12 +49,12 @@ def test_shards_round_trip_and_sum_to_the_mlp(gated):
     for size in (1, 2, 4):
         p1 = [tp.shard_columns(w1, r, size, gated) for r in range(size)]
         p2 = [tp.shard_rows(w2, r, size) for r in range(size)]
-        torch.testing.assert_close(tp.unshard_columns(p1, gated), w1, rtol=0, atol=0)
-        torch.testing.assert_close(tp.unshard_rows(p2), w2, rtol=0, atol=0)
+        assert_exact(tp.unshard_columns(p1, gated), w1)
+        assert_exact(tp.unshard_rows(p2), w2)
         # column-parallel then row-parallel: the partial outputs sum to the whole MLP
         full = act(x @ w1[1]) @ w2[1]
         parts = sum(act(x @ a[1]) @ b[1] for a, b in zip(p1, p2))
-        torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-5)
+        assert_rel_close(parts, full, REL_FP32)
     with pytest.raises(ValueError, match="not divisible"):
         tp.shard_rows(w2, 0, 3)
 
@@ -63,13 +63,13 @@ def test_sharded_init_is_a_slice_of_the_global_init():
     full = GroupedExperts(D, F_, [2, 3], "swiglu", 0.02, base_seed=5)
     for r in range(2):
         part = GroupedExperts(D, F_, [2, 3], "swiglu", 0.02, base_seed=5, shard=(r, 2))
-        torch.testing.assert_close(part.w1, tp.shard_columns(full.w1.detach(), r, 2, True))
-        torch.testing.assert_close(part.w2, tp.shard_rows(full.w2.detach(), r, 2))
+        assert_exact(part.w1.detach(), tp.shard_columns(full.w1.detach(), r, 2, True))
+        assert_exact(part.w2.detach(), tp.shard_rows(full.w2.detach(), r, 2))
     torch.manual_seed(1)
     dense = DenseMLP(D, F_, "gelu")
     torch.manual_seed(1)
     half = DenseMLP(D, F_, "gelu", shard=(1, 2))
-    torch.testing.assert_close(half.w1, tp.shard_columns(dense.w1.detach(), 1, 2, False))
+    assert_exact(half.w1.detach(), tp.shard_columns(dense.w1.detach(), 1, 2, False))
 
 
 def test_layout_errors():
@@ -97,31 +97,31 @@ def _regions(rank, world):
         return y.detach(), x.grad
 
     y, gx = run(tp.copy_to_region, cs[rank])
-    torch.testing.assert_close(y, xs[rank])
-    torch.testing.assert_close(gx, sum(cs))
+    assert_exact(y, xs[rank])
+    assert_rel_close(gx, sum(cs))
     y, gx = run(tp.reduce_from_region, cs[rank])
-    torch.testing.assert_close(y, sum(xs))
-    torch.testing.assert_close(gx, cs[rank])
+    assert_rel_close(y, sum(xs))
+    assert_exact(gx, cs[rank])
     y, gx = run(tp.gather_sequence, full_c)
-    torch.testing.assert_close(y, torch.cat(xs))
-    torch.testing.assert_close(gx, full_c.chunk(world)[rank] * world)   # every rank's cot is full_c
+    assert_exact(y, torch.cat(xs))
+    assert_rel_close(gx, full_c.chunk(world)[rank] * world)   # every rank's cot is full_c
     y, gx = run(tp.gather_replicated, full_c)
-    torch.testing.assert_close(gx, full_c.chunk(world)[rank])
+    assert_exact(gx, full_c.chunk(world)[rank])
     y, gx = run(tp.reduce_scatter_sequence, cs[rank][:4 // world])
-    torch.testing.assert_close(y, sum(xs).chunk(world)[rank])
-    torch.testing.assert_close(gx, torch.cat([c[:4 // world] for c in cs]))
+    assert_rel_close(y, sum(xs).chunk(world)[rank])
+    assert_rel_close(gx, torch.cat([c[:4 // world] for c in cs]))
     y, gx = run(tp.scatter_sequence, cs[rank][:4 // world])
-    torch.testing.assert_close(y, xs[rank].chunk(world)[rank])
-    torch.testing.assert_close(gx, torch.cat([c[:4 // world] for c in cs]))
+    assert_exact(y, xs[rank].chunk(world)[rank])
+    assert_rel_close(gx, torch.cat([c[:4 // world] for c in cs]))
     # enter: replicated use (grad whole) + split use (grad partial)
     x = xs[rank].clone().requires_grad_(True)
     rep, part = tp.enter_sequence_parallel(x, group)
     ((rep * full_c).sum() + (part * cs[rank].repeat(world, 1)).sum()).backward()
-    torch.testing.assert_close(x.grad, full_c.chunk(world)[rank] + sum(cs))
+    assert_rel_close(x.grad, full_c.chunk(world)[rank] + sum(cs))
     # a non-zero dim
     x = xs[rank].clone().requires_grad_(True)
     y = tp.gather_sequence(x, group, dim=1)
-    torch.testing.assert_close(y, torch.cat(xs, 1))
+    assert_exact(y, torch.cat(xs, 1))
 
 
 def test_region_functions():
@@ -173,7 +173,7 @@ def check_tp_layer(groups, cfg, case, replica, num_replicas, where):
     layer = make_layer(cfg, groups)
     full = layer.full_state_dict()
     for k, v in ref_layer.full_state_dict().items():      # global weights are layout-invariant
-        torch.testing.assert_close(full[k], v, rtol=0, atol=0, msg=lambda m: f"{where}: {k} {m}")
+        assert_exact(full[k], v, f"{where}: {k}")
     x, task, cot = replica_batch(replica, case)
     if groups.sequence_parallel:      # rank holds its sequence shard of the input and output
         def mine(t):
@@ -182,12 +182,11 @@ def check_tp_layer(groups, cfg, case, replica, num_replicas, where):
     x = x.clone().requires_grad_(True)
     y = layer(x, task=task)
     (y * cot).sum().backward()
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=ATOL, msg=lambda m: f"{where}: output {m}")
-    torch.testing.assert_close(x.grad, gx_ref, rtol=0, atol=ATOL, msg=lambda m: f"{where}: dx {m}")
+    assert_rel_close(y, y_ref, REL_FP32, f"{where}: output")
+    assert_rel_close(x.grad, gx_ref, REL_FP32, f"{where}: dx")
     assert set(layer.last_losses) == set(losses_ref), where
     for k, v in losses_ref.items():
-        torch.testing.assert_close(layer.last_losses[k], v, rtol=0, atol=ATOL,
-                                   msg=lambda m: f"{where}: loss {k} {m}")
+        assert_rel_close(layer.last_losses[k], v, REL_FP32, f"{where}: loss {k}")
 
     all_g = [g_ref] + [reference(cfg, r, case)[4] for r in range(num_replicas) if r != replica]
     ids = layer.experts.global_ids
@@ -205,7 +204,7 @@ def check_tp_layer(groups, cfg, case, replica, num_replicas, where):
             want = g_ref[n]
             if n.startswith("shared_expert.mlp."):
                 want = tp.shard_ffn(want, n[-2:], groups.tp_rank, groups.tp_size, swiglu)
-        torch.testing.assert_close(got, want, rtol=0, atol=ATOL, msg=lambda m: f"{where}: grad {n} {m}")
+        assert_rel_close(got, want, REL_FP32, f"{where}: grad {n}")
     # and the weights load back from any layout
     layer.load_full_state_dict(ref_layer.full_state_dict())
 

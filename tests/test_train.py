@@ -56,7 +56,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_writes_checkpoint_and_resume_continues(tmp_path):
-    """One process (plain python, no launcher): SIGTERM mid-run -> checkpoint -> exit 0."""
+    """One process (plain python, no launcher): SIGTERM mid-run -> checkpoint -> exit 143
+    (128 + SIGTERM: the run is unfinished, so schedulers must not read it as done)."""
     log_dir = tmp_path / "run"
     base = [sys.executable, "-m", "tagmoe_dist.train", "--config", "configs/models/tiny_tag.yaml",
             "--deepspeed_config", "configs/deepspeed/zero2.json"]
@@ -72,7 +73,7 @@ def test_sigterm_writes_checkpoint_and_resume_continues(tmp_path):
     assert p.poll() is None, p.communicate()[1][-3000:]
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
     tag = (log_dir / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(tag.split("_")[1])
     assert stopped_at >= 3 and "stopped by signal" in err + out
@@ -93,6 +94,43 @@ def test_bad_config_fails_on_every_rank_before_waiting(tmp_path, extra, msg):
     assert r.returncode != 0
     assert msg in r.stderr
     assert time.time() - t0 < 120
+
+
+def test_log_interval_zero_is_refused():
+    from tagmoe_dist.models.gpt import GPTConfig
+    from tagmoe_dist.train import load_train_config
+    cfg = GPTConfig.from_yaml(str(ROOT / "configs/models/tiny_tag.yaml"))
+    with pytest.raises(ValueError, match="train.log_interval must be >= 1, got 0"):
+        load_train_config(cfg, ["log_interval=0"])
+
+
+def test_vocab_smaller_than_the_tokenizer_fails_before_waiting(tmp_path):
+    import yaml
+    cfg = yaml.safe_load((ROOT / "configs/models/tiny_tag.yaml").read_text())
+    cfg["vocab_size"] = 200
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
+    r = _train(tmp_path / "x", 2, config=str(tmp_path / "small.yaml"), timeout=120)
+    assert r.returncode != 0 and "vocab_size=200 is smaller than the tokenizer's 260" in r.stderr
+    assert "IndexError" not in r.stderr and "deepspeed.initialize" not in r.stderr, r.stderr[-2000:]
+
+
+def test_console_shows_what_was_learned_without_warning_noise(tmp_path):
+    """The main job's console: the real launcher's name, per-task exact match at each
+    evaluation, greedy answers to held-out prompts at the end, no repeated FutureWarning."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tagmoe_dist.train", "--config", "configs/models/tiny_tag.yaml",
+           "--deepspeed_config", "configs/deepspeed/zero2.json", "--set", "steps=4",
+           f"log_dir={tmp_path / 'run'}", *FAST, "eval_interval=2", "eval_samples_per_task=4"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = r.stdout + r.stderr                 # messages go through tqdm.write (stdout)
+    assert "launch: 2 processes via torchrun" in err
+    assert err.count("| exact match copy ") == 2, err[-3000:]          # steps 2 and 4
+    assert "answers to held-out prompts (greedy decoding):" in err
+    answers = [ln for ln in err.splitlines() if ln.startswith("  ") and " -> " in ln]
+    assert sorted({ln.split()[0] for ln in answers}) == sorted(
+        ["copy", "reverse", "sort", "shift", "add"]) and len(answers) == 10, answers
+    assert "FutureWarning" not in err and "is deprecated" not in err, err[-3000:]
 
 
 def test_trains_on_users_jsonl_with_per_task_eval(tmp_path):

@@ -1,8 +1,8 @@
 """Upcycling a dense tagmoe_dist GPT (DeepSpeed checkpoint) into the MoE GPT (--format tagmoe).
 
-The property: at step 0 the upcycled model's logits equal the dense model's (fp32, max abs diff
-<= 1e-5) for plain and fine-grained upcycling, with top-k and task-aware routers. The dense source
-is a real checkpoint of `python -m tagmoe_dist.train` (one process, one step); the MoE result is
+The property: at step 0 the upcycled model's logits equal the dense model's (fp32, max |diff|
+<= 1e-5 of the logits' largest magnitude) for plain and fine-grained upcycling, with top-k and
+task-aware routers. The dense source is a real checkpoint of `python -m tagmoe_dist.train` (one process, one step); the MoE result is
 checked in-process (consolidated weights into `GPT`) and through the trainer (`--resume` on 2
 processes at EP=2, whose first logged loss must be the dense model's loss on the same batch).
 """
@@ -25,6 +25,7 @@ from tagmoe_dist.data import SyntheticTextTasks, TaskCollator
 from tagmoe_dist.models.gpt import GPT, GPTConfig, lm_loss
 from tagmoe_dist.upcycle import UpcycleOptions, upcycle
 from tagmoe_dist.upcycle.__main__ import main as cli_main
+from tests.tolerance import REL_FP32, assert_rel_close, assert_rel_far
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 2   # batch_size_per_rank of the runs below
@@ -112,7 +113,7 @@ def test_upcycled_logits_equal_dense(dense_ckpt, tmp_path, kw, moe):
     out = _convert(src, tmp_path / "moe" / "checkpoints", **kw)
     batch = _batch()
     dense, sparse = _logits(dense_ckpt, batch), _logits(out, batch)
-    assert (dense - sparse).abs().max().item() <= 1e-5
+    assert_rel_close(sparse, dense, REL_FP32)
     cfg = GPTConfig.from_yaml(out / "model_config.yaml")
     m = cfg.moe_config
     assert (cfg.arch, m.num_experts, m.top_k, m.norm_topk_prob) == ("moe", kw["num_experts"],
@@ -128,7 +129,7 @@ def test_breaking_recipes_are_flagged_and_do_differ(dense_ckpt, tmp_path):
     dense = _logits(dense_ckpt, batch)
     out = _convert(dense_ckpt, tmp_path / "d" / "checkpoints", num_experts=4, top_k=2,
                    drop_ratio=0.5)
-    assert (dense - _logits(out, batch)).abs().max().item() > 1e-4
+    assert_rel_far(_logits(out, batch), dense, 1e-3)
     assert json.loads((out / "upcycle_metadata.json").read_text())["recipe"]["exact_at_init"] is False
 
 
@@ -150,7 +151,7 @@ def test_gelu_source(tmp_path):
     batch = _batch()
     with torch.no_grad():
         dense = model(batch["input_ids"])
-    assert (dense - _logits(out, batch)).abs().max().item() <= 1e-5
+    assert_rel_close(_logits(out, batch), dense, REL_FP32)
     with pytest.raises(ValueError, match="cube-root .* has no gate"):
         _convert(root, tmp_path / "x" / "checkpoints", granularity=2, scaling="cube-root")
 
@@ -174,10 +175,11 @@ def test_trainer_resumes_upcycled_checkpoint_with_dense_loss(dense_ckpt, tmp_pat
     assert "holds model weights only" in r.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    assert abs(rows[0]["loss"] - dense_loss) <= 1e-5, (rows[0]["loss"], dense_loss)
+    assert_rel_close(rows[0]["loss"], dense_loss, REL_FP32, msg=f"{rows[0]['loss']} vs {dense_loss}")
     assert (ckpt / "latest").read_text().strip() == "step_2"
     # ZeRO's fp32 master copy was refreshed from the loaded weights: two Adam steps of lr 1e-3
     # moved every weight by a few 1e-3 at most (a stale master would put back the random init).
+    # The bound is absolute on purpose: Adam's step is about lr per weight whatever its scale.
     trained, upcycled = consolidate(ckpt), consolidate(ckpt, "step_0")
     assert trained["blocks.0.ffn.experts.w1"].shape == (8, 32, 2 * 16)
     assert max((trained[k] - upcycled[k]).abs().max().item() for k in upcycled) <= 4e-3

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,12 +23,6 @@ import time
 
 SHAPES = [("coarse", 8, 2, 512), ("fine", 32, 8, 128), ("fine", 64, 8, 64)]
 TOKENS, HIDDEN = 4096, 256
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- one measurement (child side)
@@ -85,8 +78,9 @@ def child(impl, E, K, F, ep, runs, warmup):
 
 # ---------------------------------------------------------------- orchestration
 def measure(impl, E, K, F, ep, runs, warmup):
+    from tagmoe_dist.ports import free_port
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE=str(max(ep, 1)))
+               MASTER_PORT=str(free_port("127.0.0.1")), WORLD_SIZE=str(max(ep, 1)))
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".torch_extensions"))
     if impl == "deepspeed":
         # a build killed midway leaves a lock on which DeepSpeed's init waits forever: say so

@@ -14,12 +14,13 @@ from tagmoe_dist.data.jsonl import JsonlTextDataset, task_key
 from tagmoe_dist.data.sharding import ShardSampler, shard_indices
 from tagmoe_dist.data.synthetic import (TASK_NAMES, TEXT_TASKS, SyntheticTextTasks, eval_splits,
                                         text_task_schema)
-from tagmoe_dist.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from tagmoe_dist.data.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, check_vocab,
+                                        load_tokenizer)
 
 __all__ = [
     "IGNORE_INDEX", "TaskCollator", "level_ids", "make_sample",
     "JsonlTextDataset", "task_key",
     "ShardSampler", "shard_indices",
     "TASK_NAMES", "TEXT_TASKS", "SyntheticTextTasks", "eval_splits", "text_task_schema",
-    "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
+    "ByteTokenizer", "HFTokenizer", "Tokenizer", "check_vocab", "load_tokenizer",
 ]

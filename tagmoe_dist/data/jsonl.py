@@ -17,12 +17,16 @@ order, written canonically ("scope=arithmetic,type=numeric+positional", or "unkn
 sample's `task_index` points into it.
 
 The whole file is read, validated and tokenized at construction, so errors surface before
-training starts; memory holds all token ids (fine up to a few hundred MB of text).
+training starts; memory holds all token ids, 4 bytes each. A line is read with a bound
+(`max_line_bytes`, default 16 MiB): a longer one is refused with its `file:line` after reading
+no more than the bound, instead of costing gigabytes per rank (split a long text into several
+records: it is cut into `seq_len` windows anyway).
 """
 
 from __future__ import annotations
 
 import json
+from array import array
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -55,6 +59,16 @@ def _check_descriptor(task: Any, schema: TaskSchema) -> dict | None:
     return out or None
 
 
+def _check_encodable(text: str) -> None:
+    """JSON's \\uXXXX escapes can spell half of a surrogate pair, which no UTF-8 text holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f'"text" holds a lone surrogate {text[e.start]!r} at character '
+                         f"{e.start} (a \\uD800-\\uDFFF escape without its pair); fix the "
+                         "escape or write the character itself") from None
+
+
 def task_key(descriptor: Mapping[str, Any] | None) -> str:
     """Canonical name of a normalised descriptor: "level=v1+v2,level=v" or "unknown"."""
     if not descriptor:
@@ -71,10 +85,11 @@ class JsonlTextDataset(Dataset):
     seq_len:   fixed sample length (>= 2)
     tokenizer: a Tokenizer (tokenizer.py); default ByteTokenizer. For a local Hugging Face
                tokenizer pass `load_tokenizer("/path/to/dir")`.
+    max_line_bytes: the longest line accepted (see module docstring).
     """
 
     def __init__(self, path: str | Path, schema: TaskSchema, seq_len: int = 512,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, max_line_bytes: int = 16 * 2 ** 20):
         if not isinstance(schema, TaskSchema):
             raise ValueError(f"JsonlTextDataset: 'schema' must be a TaskSchema, got "
                              f"{type(schema).__name__}; load one with TaskSchema.from_yaml(path)")
@@ -83,11 +98,14 @@ class JsonlTextDataset(Dataset):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"JsonlTextDataset: file not found: {self.path}")
-        self.schema, self.seq_len = schema, seq_len
+        if not isinstance(max_line_bytes, int) or max_line_bytes < 1:
+            raise ValueError(f"JsonlTextDataset: 'max_line_bytes' must be an int >= 1, got "
+                             f"{max_line_bytes!r}")
+        self.schema, self.seq_len, self.max_line_bytes = schema, seq_len, max_line_bytes
         self.tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
         self.task_names: list[str] = []
         self._descriptors: list[dict | None] = []   # per task_index
-        self._records: list[tuple[list[int], int]] = []  # (token ids, task_index)
+        self._records: list[tuple[array, int]] = []  # (token ids, task_index)
         self._windows: list[tuple[int, int]] = []   # (record, start token)
         self._read()
         if not self._windows:
@@ -97,20 +115,27 @@ class JsonlTextDataset(Dataset):
 
     def _read(self) -> None:
         index_of: dict[str, int] = {}
+        limit = self.max_line_bytes
         with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            lineno = 0
+            while raw := f.readline(limit + 1):     # never more than the bound in memory
+                lineno += 1
                 try:
+                    if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+                        raise ValueError(f"line longer than max_line_bytes={limit} bytes; split "
+                                         "the text into several records (long texts are cut "
+                                         "into seq_len windows anyway) or raise max_line_bytes")
                     text, descriptor = self._parse(raw)
+                    if text is None:
+                        continue
+                    key = task_key(descriptor)
+                    if key not in index_of:
+                        index_of[key] = len(self.task_names)
+                        self.task_names.append(key)
+                        self._descriptors.append(descriptor)
+                    self._add_record(text, index_of[key])
                 except ValueError as e:
                     raise ValueError(f"{self.path}:{lineno}: {e}") from e
-                if text is None:
-                    continue
-                key = task_key(descriptor)
-                if key not in index_of:
-                    index_of[key] = len(self.task_names)
-                    self.task_names.append(key)
-                    self._descriptors.append(descriptor)
-                self._add_record(text, index_of[key])
 
     def _parse(self, raw: bytes) -> tuple[str | None, dict | None]:
         try:
@@ -130,6 +155,7 @@ class JsonlTextDataset(Dataset):
             raise ValueError(f'missing "text" (keys: {sorted(record)}); add "text": "<string>"')
         if not isinstance(record["text"], str):
             raise ValueError(f'"text" must be a string, got {type(record["text"]).__name__}')
+        _check_encodable(record["text"])
         return record["text"], _check_descriptor(record.get("task"), self.schema)
 
     def _add_record(self, text: str, task_index: int) -> None:
@@ -137,7 +163,7 @@ class JsonlTextDataset(Dataset):
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text) \
             + ([tok.eos_id] if tok.eos_id is not None else [])
         r = len(self._records)
-        self._records.append((ids, task_index))
+        self._records.append((array("i", ids), task_index))
         for start in range(0, len(ids), self.seq_len):
             if len(ids) - start >= 2:
                 self._windows.append((r, start))

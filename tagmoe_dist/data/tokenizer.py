@@ -84,6 +84,16 @@ class HFTokenizer:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """ValueError unless the model's embedding (vocab_size rows) holds every id the tokenizer
+    can produce: checked before any process group or engine exists, instead of an IndexError in
+    the first forward."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} ids ({tokenizer!r}); set vocab_size >= "
+                         f"{tokenizer.vocab_size} in the model YAML")
+
+
 def load_tokenizer(name_or_path: str | Path | None = None) -> Tokenizer:
     """`None` or `"byte"` -> ByteTokenizer; a local directory -> HFTokenizer (local files only)."""
     if name_or_path is None or str(name_or_path) == "byte":

@@ -156,6 +156,17 @@ class TaskAlignment(nn.Module):
         return self.loss(g_BE, task_BN)
 
     # ------------------------------------------------------------------ the loss
+    def _predict(self, g_BE: torch.Tensor) -> torch.Tensor:
+        """H_pred in fp32 whatever the parameters' dtype: the signatures are fp32 routing
+        probabilities, and the loss is a routing loss (as the router's logits, kept in fp32)."""
+        if self.predictor[0].weight.dtype == g_BE.dtype:
+            return self.predictor(g_BE)
+        h = g_BE
+        for m in self.predictor:
+            h = (torch.nn.functional.linear(h, m.weight.to(h.dtype), m.bias.to(h.dtype))
+                 if isinstance(m, nn.Linear) else m(h))
+        return h
+
     def targets(self, task_BN: torch.Tensor) -> torch.Tensor:
         """s_b = sum of the tag embeddings of the sample's tags (gradient into W_tag only for
         align_target='learned')."""
@@ -170,7 +181,7 @@ class TaskAlignment(nn.Module):
         task_BN = task_BN.to(g_BE.dtype)
         mask_B = task_BN.sum(1) > 0
         target_BP = self.targets(task_BN)
-        pred_BP = self.predictor(g_BE)
+        pred_BP = self._predict(g_BE)
         same_BB = (task_BN[:, None, :] == task_BN[None, :, :]).all(-1)
         loss = losses.alignment_loss(pred_BP, target_BP, mask_B, self.cfg.align_loss,
                                      self.cfg.align_temperature, same_BB)

@@ -14,19 +14,19 @@ import torch.nn as nn
 
 from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.kernels.activations import activation_fn
-from tagmoe_dist.gating.topk import TopKRouter
+from tagmoe_dist.gating.topk import Router
 from tagmoe_dist.tasks import TaskSchema
 
 
-class TaskLevelRouter(TopKRouter):
+class TaskLevelRouter(Router):
     """logits_b = t_b . W_task + w_unknown, broadcast to every token of sample b.
 
     `unknown_logits` is what a sample with no annotated tag is routed by (t_b = 0).
     """
 
     def __init__(self, cfg: MoEConfig, schema: TaskSchema):
-        nn.Module.__init__(self)
-        self.cfg, self.schema = cfg, schema
+        super().__init__(cfg)
+        self.schema = schema
         # Unit-scale init: with a tiny std every task would tie and share the same experts.
         self.task_weight = nn.Parameter(torch.randn(schema.num_tags, cfg.num_experts))
         self.unknown_logits = nn.Parameter(torch.zeros(cfg.num_experts))

@@ -55,27 +55,22 @@ def stable_topk(scores_TE: torch.Tensor, k: int):
     return values[..., :k], ids[..., :k]
 
 
-class TopKRouter(nn.Module):
-    """Routes each token by its own features: logits = x . W_g^T."""
+class Router(nn.Module):
+    """What every router shares: scores from logits, top-k selection, weights, capacity and the
+    auxiliary losses (`route`), and aux-loss-free balancing. Subclasses define `compute_logits`."""
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.randn(cfg.num_experts, cfg.hidden_size) * cfg.init_std)
         if cfg.expert_bias:
             # Aux-loss-free balancing: a per-expert bias added to the scores for *selection only*,
             # nudged after each optimizer step towards under-loaded experts.
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
             self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
 
-    # ------------------------------------------------------------------ logits
     def compute_logits(self, x_TD: torch.Tensor, sample_idx_T: Optional[torch.Tensor],
                        task_BN: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.training and self.cfg.input_jitter > 0:
-            eps = self.cfg.input_jitter
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        # Routing is done in fp32: bf16 logits flip top-k choices between otherwise equal runs.
-        return x_TD.float() @ self.weight.float().t()
+        raise NotImplementedError
 
     def forward(self, x_TD: torch.Tensor, sample_idx_T: Optional[torch.Tensor] = None,
                 num_samples: Optional[int] = None,
@@ -144,3 +139,19 @@ class TopKRouter(nn.Module):
             dist.all_reduce(load_E, group=group)
         self.expert_bias += self.cfg.expert_bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.tokens_per_expert.zero_()
+
+
+class TopKRouter(Router):
+    """Routes each token by its own features: logits = x . W_g^T."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.weight = nn.Parameter(torch.randn(cfg.num_experts, cfg.hidden_size) * cfg.init_std)
+
+    def compute_logits(self, x_TD: torch.Tensor, sample_idx_T: Optional[torch.Tensor],
+                       task_BN: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.training and self.cfg.input_jitter > 0:
+            eps = self.cfg.input_jitter
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        # Routing is done in fp32: bf16 logits flip top-k choices between otherwise equal runs.
+        return x_TD.float() @ self.weight.float().t()

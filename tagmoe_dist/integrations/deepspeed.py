@@ -13,13 +13,16 @@ What DeepSpeed needs from an MoE model, and how we give it:
      file*; keys that do not match its `deepspeed_moe.experts.deepspeed_experts.<i>` pattern would
      be lost. So the container writes its stacked weights as per-expert views under exactly that
      pattern, and reads either form back.
+That is ZeRO 0-2. Under ZeRO-3 the engine refuses native MoE modules, so experts are not declared
+as such: `build_context` / `prepare_model(model, ds_config)` hand over to `zero3.py`, which puts
+DeepSpeed AutoEP's placement marks on them instead.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,7 +30,7 @@ import torch.nn as nn
 from tagmoe_dist.parallel import ParallelGroups, hosts
 
 _DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-_DS_KEY = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w1|w2)$")
+_DS_KEY = re.compile(r"deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w1|w2|b1|b2)$")
 
 
 def _deepspeed():
@@ -61,8 +64,12 @@ class _DeepSpeedNames:
             groups._create_expert_and_data_parallel(
                 self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
 
+    def _expert_names(self):
+        # the stacked expert tensors: weights, and biases when the experts have them
+        return ("w1", "w2") + (("b1", "b2") if getattr(self, "b1", None) is not None else ())
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for name in ("w1", "w2"):
+        for name in self._expert_names():
             p = getattr(self, name)
             for local_id in range(p.shape[0]):
                 t = p[local_id] if keep_vars else p.detach()[local_id]
@@ -70,7 +77,7 @@ class _DeepSpeedNames:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        for name in ("w1", "w2"):
+        for name in self._expert_names():
             p = getattr(self, name)
             stacked = prefix + name
             if stacked in state_dict:      # our own stacked layout
@@ -91,7 +98,7 @@ class _DeepSpeedNames:
                 p.copy_(src)
         if strict:
             for k in state_dict:
-                if k.startswith(prefix) and k[len(prefix):] not in ("w1", "w2") and \
+                if k.startswith(prefix) and k[len(prefix):] not in self._expert_names() and \
                         not _DS_KEY.match(k[len(prefix):]):
                     unexpected_keys.append(k)
 
@@ -106,10 +113,23 @@ def _ds_class(base: type) -> type:
     return _CLASS_CACHE[base]
 
 
-def prepare_model(model: nn.Module) -> nn.Module:
-    """Make every tagmoe expert container in `model` visible to the DeepSpeed engine as an MoE
-    module (see the module docstring). Call before `deepspeed.initialize`. Returns the model."""
+def build_context(ds_config: Dict[str, Any]):
+    """The context to build the model in: ZeRO-3 partitioning at construction for stage 3
+    (`zero3.init`), nothing for stages 0-2."""
+    from tagmoe_dist.integrations import zero3
+    return zero3.init(ds_config)
+
+
+def prepare_model(model: nn.Module, ds_config: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Make the tagmoe MoE layers of `model` ready for the DeepSpeed engine; call before
+    `deepspeed.initialize`. Returns the model. ZeRO 0-2 (or no `ds_config`): every expert
+    container becomes visible to the engine as an MoE module (see the module docstring).
+    ZeRO-3: `zero3.prepare_model` (experts partitioned over the expert-data-parallel group)."""
     from tagmoe_dist.layer import MoELayer
+    if ds_config is not None:
+        from tagmoe_dist.integrations import zero3
+        if zero3.zero_stage(ds_config) == 3:
+            return zero3.prepare_model(model)
     count = 0
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
@@ -130,6 +150,8 @@ def prepare_model(model: nn.Module) -> nn.Module:
 
 
 def check_zero_stage(ds_config: Dict[str, Any], ep_size: int = 1) -> None:
+    """Refuse, before DeepSpeed starts, ZeRO settings that would train wrongly or that DeepSpeed
+    refuses late (stage 3: the options listed in zero3.check_config)."""
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if stage == 0 and ep_size > 1 and float(ds_config.get("gradient_clipping", 0) or 0) > 0:
         # deepspeed/runtime/utils.py clip_grad_norm_ averages each rank's sqrt(dense^2 + its
@@ -140,11 +162,8 @@ def check_zero_stage(ds_config: Dict[str, Any], ep_size: int = 1) -> None:
             "gradient norm in DeepSpeed (experts are not summed across expert-parallel ranks); use "
             "ZeRO stage 1 or 2, or set gradient_clipping to 0 (train.grad_clip=0)")
     if stage == 3:
-        raise ValueError(
-            "zero_optimization.stage=3 is not supported with tagmoe_dist MoE layers yet: experts are "
-            "already sharded over the expert-parallel group, and DeepSpeed's engine refuses ZeRO-3 for "
-            "MoE modules. Use stage 1 or 2 (they shard the optimizer state and gradients of the "
-            "experts over the expert-data-parallel group).")
+        from tagmoe_dist.integrations import zero3
+        zero3.check_config(ds_config, ep_size)
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0,
@@ -156,7 +175,9 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0,
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or any(k in n for k in no_decay_names) else decay).append(p)
+        # ZeRO-3 parameters are 1-D partitions; ds_shape is the whole tensor's shape
+        dim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if dim < 2 or any(k in n for k in no_decay_names) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])

@@ -11,7 +11,8 @@ What Megatron-core needs from an MoE layer, and how we give it:
      `get_gpt_layer_with_transformer_engine_spec` and `get_gpt_decoder_block_spec` are Megatron's
      GPT spec functions with the MoE MLP replaced (all routers: topk, task_aware, task_level).
   3. The user's TransformerConfig moe_* flags: `moe_config_from_megatron` maps them to MoEConfig
-     (unsupported ones are ValueErrors naming the flag).
+     (unsupported ones are ValueErrors naming the flag): moe_grouped_gemm selects the grouped_mm
+     expert kernel, moe_token_dispatcher_type must be "alltoall" (the dispatch we do).
   4. Parameter conventions of Megatron's DDP and optimizer: expert weights carry
      `allreduce=False` (reduced over the expert-data-parallel group; set by MoELayer), and
      tensor-parallel shards carry `tensor_model_parallel`, `partition_dim`, `partition_stride`.
@@ -23,6 +24,9 @@ What Megatron-core needs from an MoE layer, and how we give it:
      "align_loss"), which its training loop reduces over pipeline stages.
   6. Task ids: Megatron's forward has no task argument; layers read a `TaskContext` that the
      user's forward_step opens per micro-batch (task_context.py, docs/megatron.md).
+  7. Distributed checkpointing: `MegatronMoE.sharded_state_dict` (and `sharded_state_dict(layer)`
+     for an MoELayer placed in a Megatron model some other way) describe every tensor as a
+     shard of a global one, so `dist_checkpointing.save/load` reshard EP, expert-TP and TP.
 Nothing here calls torch.cuda: the module runs wherever its tensors are.
 """
 
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 
 from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.gating.task_aware import TaskAlignment
+from tagmoe_dist.integrations import megatron_checkpoint
 from tagmoe_dist.layer import MoELayer
 from tagmoe_dist.parallel import ParallelGroups, hosts
 from tagmoe_dist.task_context import LayerTasks, TaskContext, inject_signature
@@ -110,6 +115,13 @@ def moe_config_from_megatron(config, **overrides) -> MoEConfig:
         raise _unsupported("glu_linear_offset/activation_func_clamp_value", "set",
                            "use the plain SwiGLU / GELU activation")
 
+    dispatcher = getattr(config, "moe_token_dispatcher_type", "alltoall")
+    if dispatcher != "alltoall":
+        # the layer always exchanges tokens with a variable-size all-to-all over the EP group
+        raise _unsupported("moe_token_dispatcher_type", dispatcher,
+                           "set moe_token_dispatcher_type='alltoall' (Megatron-LM: "
+                           "--moe-token-dispatcher-type alltoall), the dispatch this layer does")
+
     gated, act = config.gated_linear_unit, config.activation_func
     if gated and act is F.silu:
         activation = "swiglu"
@@ -153,6 +165,8 @@ def moe_config_from_megatron(config, **overrides) -> MoEConfig:
         shared_expert_gate=bool(shared) and config.moe_shared_expert_gate,
         init_std=config.init_method_std,
         input_layout="sbh",
+        # Megatron's grouped GEMM experts -> ours; otherwise the kernel is chosen per device
+        expert_kernel="grouped_mm" if getattr(config, "moe_grouped_gemm", False) else "auto",
     )
     d.update(overrides)
     return MoEConfig.from_dict(d)
@@ -188,6 +202,11 @@ class _MegatronMoELayer(MoELayer):
     def _attach_aux_loss(self, y, loss):
         # the schedule sets this scale (1/num_microbatches, fp16 loss scale) before backward
         return _megatron()[1].MoEAuxLossAutoScaler.apply(y, loss)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """Megatron's distributed-checkpoint description (integrations/megatron_checkpoint.py)."""
+        return megatron_checkpoint.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
 
 def _main_loss_scale():
@@ -252,6 +271,19 @@ class MegatronMoE(nn.Module):
                 raise ValueError("the model's last MoE layer must be on the last pipeline stage "
                                  "(it computes the alignment loss of every stage's layers)")
             self.alignment_head = TaskAlignment(self.cfg, self.moe.task_schema)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """For `megatron.core.dist_checkpointing`: global tensors sharded by EP, expert-TP and TP,
+        so a checkpoint saved at one layout loads at another (megatron_checkpoint.py)."""
+        sd = megatron_checkpoint.sharded_state_dict(self.moe, f"{prefix}moe.", sharded_offsets,
+                                                    metadata)
+        if self.alignment_head is not None:
+            # one layer of the model has it: not stacked with the other layers (no layer axis)
+            sd.update(megatron_checkpoint.replicated_state_dict(
+                self.alignment_head, self.groups.tp_group, f"{prefix}alignment_head.", (),
+                metadata))
+        return sd
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused):
         """[S(/TP), B, D] -> ([S(/TP), B, D], None). `padding_mask` is not used: padding tokens

@@ -7,6 +7,14 @@ to a temporary name and renamed into place, so concurrent builds (several ranks 
 and killed builds never leave a half-written library or a lock behind. Its GEMMs call the BLAS
 that torch itself links (looked up in libtorch_cpu), so results use the same BLAS as torch.mm.
 
+Loading a library runs its code as this user, so the cache must be private (tagmoe_dist/paths.py):
+the directory is created 0700, and a cached library is loaded only if it and its directory are
+owned by this user and writable by nobody else, and no directory above lets others rename
+entries. The file is opened once, checked through that open descriptor and loaded from it, so it
+cannot be swapped between check and load. A library failing the check is rebuilt over; a cache
+directory failing it is not used: the kernel is built in a fresh private temporary directory,
+with a warning naming the directory and why.
+
 `python -m tagmoe_dist.dispatch` builds it now and says which kernel runs.
 
 When anything is missing (no C compiler, a torch without an exported `sgemm_`, a dtype other
@@ -16,7 +24,8 @@ explicitly. `status()` says whether the library loads and why not.
 
 Environment:
   TAGMOE_NATIVE_DIR=DIR      where built libraries are kept (default: $TORCH_EXTENSIONS_DIR/
-                             tagmoe_native, else ~/.cache/tagmoe_dist/native)
+                             tagmoe_native, else $XDG_CACHE_HOME or ~/.cache, /tagmoe_dist/native);
+                             must be private to this user (see above)
   CC                         the C compiler (default: cc, then gcc, then clang)
 """
 
@@ -36,6 +45,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from tagmoe_dist.paths import private_dir, untrusted_reason
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "moe_cpu.c"
 # -fno-trapping-math lets the compiler vectorise the activation loops (no FP exceptions are
 # relied on); -march=native is why the cache key includes the CPU.
@@ -46,6 +57,7 @@ ACTIVATIONS = {"gelu": 0, "swiglu": 1}
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None           # why the native kernel is not used (None: not tried)
+_origin = ""                            # where the loaded library was built
 _tried = False
 
 
@@ -87,18 +99,39 @@ def _sgemm_address() -> Optional[int]:
     return None
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile csrc/moe_cpu.c for this CPU (cached). Returns the library path; raises on failure."""
+class UntrustedCache(RuntimeError):
+    """The cache directory could have been written by another user; nothing in it is loaded."""
+
+
+def _compiler_or_raise() -> str:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha1(b"\0".join([src, " ".join([cc, *CFLAGS]).encode(), _cpu_id().encode(),
-                                   platform.machine().encode()])).hexdigest()[:16]
-    out = cache_dir() / f"moe_cpu_{key}.so"
-    if out.exists():
+    return cc
+
+
+def library_name(cc: str) -> str:
+    """moe_cpu_<key>.so, the key a hash of the source, the compiler and flags, and the CPU."""
+    key = hashlib.sha1(b"\0".join([SOURCE.read_bytes(), " ".join([cc, *CFLAGS]).encode(),
+                                   _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
+    return f"moe_cpu_{key}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile csrc/moe_cpu.c for this CPU into cache_dir() (cached). Returns the library path;
+    raises UntrustedCache when the directory is not private to this user, RuntimeError when
+    the build fails."""
+    cc = _compiler_or_raise()
+    out = private_dir(cache_dir()) / library_name(cc)
+    reason = untrusted_reason(out.parent)
+    if reason is not None:
+        raise UntrustedCache(reason)
+    if os.path.lexists(out) and untrusted_reason(out) is None:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return _compile(cc, out, verbose)     # absent, or not provably ours: built again over it
+
+
+def _compile(cc: str, out: Path, verbose: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -108,6 +141,7 @@ def build(verbose: bool = False) -> Path:
             err = res.stderr.strip()[-2000:]
             raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {res.returncode})"
                                + (f":\n{err}" if err else ""))
+        os.chmod(tmp, 0o700)                # the linker's mode follows the umask: not ours to keep
         if verbose:
             print(f"[tagmoe_dist] built {out}")
         os.replace(tmp, out)                # atomic: readers see no library or a whole one
@@ -117,11 +151,48 @@ def build(verbose: bool = False) -> Path:
     return out
 
 
+def _open_checked(path: Path) -> ctypes.CDLL:
+    """dlopen `path` only if it is provably ours, checked on the very file that is loaded: open
+    it (not following a link), check the descriptor's owner and mode and the directories above,
+    then load through /proc/self/fd (where available) so a rename in between changes nothing."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        reason = untrusted_reason(path, os.fstat(fd))
+        if reason is not None:
+            raise UntrustedCache(reason)
+        by_fd = f"/proc/self/fd/{fd}"
+        return ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))
+    finally:
+        os.close(fd)
+
+
+def _build_and_open() -> ctypes.CDLL:
+    """The cached library; when the cache directory is not private, a build of our own in a
+    fresh private temporary directory (removed once loaded: the mapping outlives the file)."""
+    global _origin
+    try:
+        path = build()
+        _origin = str(path)
+        return _open_checked(path)
+    except UntrustedCache as exc:
+        warnings.warn(f"tagmoe_dist: not using the native kernel cache {cache_dir()}: {exc}. "
+                      "Building in a private temporary directory instead; set TAGMOE_NATIVE_DIR "
+                      "to a directory only you can write (created 0700 when missing).",
+                      RuntimeWarning, stacklevel=4)
+    tmp = Path(tempfile.mkdtemp(prefix="tagmoe_native-"))          # 0700, ours
+    try:
+        cc = _compiler_or_raise()
+        _origin = f"built for this process only (the cache {cache_dir()} is not private)"
+        return _open_checked(_compile(cc, tmp / library_name(cc)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _load() -> ctypes.CDLL:
     sgemm = _sgemm_address()
     if not sgemm:
         raise RuntimeError("this torch build exports no BLAS `sgemm_` from libtorch_cpu")
-    lib = ctypes.CDLL(str(build()))
+    lib = _build_and_open()
     if lib.tm_abi_version() != ABI_VERSION:
         raise RuntimeError(f"library ABI {lib.tm_abi_version()} != {ABI_VERSION}")
     lib.tm_set_sgemm(ctypes.c_void_p(sgemm))
@@ -258,5 +329,5 @@ def main() -> int:
     if lib is None:
         print(f"EP=1 CPU expert kernel: {status()}")
         return 1
-    print(f"EP=1 CPU expert kernel: native, {build()} (ready in {time.perf_counter() - t0:.1f} s)")
+    print(f"EP=1 CPU expert kernel: native, {_origin} (ready in {time.perf_counter() - t0:.1f} s)")
     return 0

@@ -1,1 +1,1 @@
-"""Pieces of the training entry point (tagmoe_dist.train): checkpoints and metrics."""
+"""Pieces of the training entry point (tagmoe_dist.train): metrics. Checkpoints: tagmoe_dist.checkpoint."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,15 @@ import torch.distributed as dist
 from tagmoe_dist.analysis import heatmap_figure, task_expert_mutual_information
 
 _AUX = ("aux", "z")
+
+
+def silence_known_deprecations() -> None:
+    """DeepSpeed's ZeRO-1/2 step gathers the updated partitions with
+    torch.distributed.all_gather_into_tensor (deepspeed/runtime/zero/stage_1_and_2.py), which
+    torch 2.13 deprecates with a FutureWarning that then repeats through the progress bar. It is
+    not ours to fix and says nothing to the user: ignore that one message, nothing else."""
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
 
 
 class MetricLogger:
@@ -139,15 +149,29 @@ class MetricLogger:
         tasks = "  ".join(f"{k} {v:.3f}" for k, v in per_task.items())
         self.message(f"step {step}: loss {total:.3f} | {tasks}")
 
-    def log_eval(self, step: int, losses: Dict[str, float]) -> None:
-        if not self.is_main:
+    def log_eval(self, step: int, losses: Dict[str, float],
+                 exact: Optional[Dict[str, float]] = None) -> None:
+        """Held-out loss per task and, when given, exact match per task (the fraction of held-out
+        prompts whose whole answer greedy decoding gets right; training/evaluation.py)."""
+        if not self.is_main or not losses:
             return
         for name, v in losses.items():
             self.writer.add_scalar(f"eval/{name}", v, step)
         worst = max(losses.values())
         self.writer.add_scalar("eval/worst_task", worst, step)
         self.writer.add_scalar("eval/mean", sum(losses.values()) / len(losses), step)
-        self.message(f"eval step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+        text = f"eval step {step}: loss " + "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
+        if exact:
+            for name, v in exact.items():
+                self.writer.add_scalar(f"eval_exact_match/{name}", v, step)
+            self.writer.add_scalar("eval_exact_match/mean", sum(exact.values()) / len(exact), step)
+            text += " | exact match " + "  ".join(f"{k} {100 * v:.0f}%" for k, v in exact.items())
+        self.message(text)
+
+    def show_answers(self, lines: List[str]) -> None:
+        """A few held-out prompts with the model's greedy answers (after the last step)."""
+        if lines:
+            self.message("answers to held-out prompts (greedy decoding):\n" + "\n".join(lines))
 
     def message(self, text: str) -> None:
         if self.is_main:

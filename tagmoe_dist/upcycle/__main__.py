@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from tagmoe_dist.upcycle.convert import upcycle
@@ -11,8 +13,9 @@ from tagmoe_dist.upcycle.options import FORMATS, ROUTERS, UpcycleOptions
 from tagmoe_dist.upcycle.recipes import ROUTER_INITS, SCALINGS
 
 _EPILOG = """\
-At initialisation the output equals the dense model (fp32 logits within 1e-5) for plain and
-fine-grained (--granularity G) upcycling with --expert-noise 0 and --drop-ratio 0, in both formats.
+At initialisation the output equals the dense model (fp32 logits within 1e-5 of their largest
+magnitude) for plain and fine-grained (--granularity G) upcycling with --expert-noise 0 and
+--drop-ratio 0, in both formats.
 Drop-Upcycling, noise and --scaling cube-root (with SiLU) trade that exactness for training quality.
 
 --format tagmoe example (a dense GPT trained with tagmoe_dist.train, then 8 experts, EP=2):
@@ -22,6 +25,29 @@ Drop-Upcycling, noise and --scaling cube-root (with SiLU) trade that exactness f
       --config runs/moe/checkpoints/model_config.yaml --deepspeed_config configs/deepspeed/zero2.json --resume
 See docs/upcycling.md.
 """
+
+
+def grouped_experts_note(dst: Path) -> str | None:
+    """transformers 5.x runs MoE experts with torch's grouped GEMM by default
+    (experts_implementation="grouped_mm"), which on CPU in fp32 needs every row stride to be a
+    multiple of 16 bytes: an expert width (or hidden size) that is not a multiple of 4 fails with
+    "strides should be multiple of 16 bytes" (seen with transformers 5.25, torch 2.13). Returns
+    how to load such an export, or None."""
+    try:
+        cfg = json.loads((Path(dst) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    width = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    hidden = cfg.get("hidden_size")
+    bad = {k: v for k, v in (("expert width", width), ("hidden size", hidden))
+           if isinstance(v, int) and v % 4}
+    if not bad:
+        return None
+    what = ", ".join(f"{k} {v}" for k, v in bad.items())
+    return (f"{what} is not a multiple of 4: transformers' default grouped expert kernel fails "
+            "on CPU in fp32 for it ('strides should be multiple of 16 bytes'); load this "
+            "checkpoint with AutoModelForCausalLM.from_pretrained(path, "
+            "experts_implementation=\"eager\") (see docs/upcycling.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "latest_checkpointed_iteration.txt, or one iter_* directory; "
                         "hyper-parameters from its stored args or a megatron_config.json beside it)")
     p.add_argument("--dst", required=True, metavar="DIR",
-                   help="output directory; must not exist unless --force. For --format tagmoe it "
+                   help="output directory; must not exist unless --force, and must neither be, "
+                        "contain nor lie inside --src (symlinks resolved). For --format tagmoe it "
                         "is the new run's checkpoints directory, named 'checkpoints' (e.g. "
                         "runs/moe/checkpoints)")
     p.add_argument("--num-experts", required=True, type=int, metavar="N",
@@ -92,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest output shard, e.g. 5GB or 200MB; memory use does not depend "
                         "on it; --format hf only (tagmoe writes one file per expert) (default: 5GB)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --dst (atomically, after the new one is complete)")
+                   help="replace an existing --dst (atomically, after the new one is complete); "
+                        "removes --dst itself and nothing else")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed for router, Drop-Upcycling and noise draws (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -114,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"wrote {dst}")
+    note = grouped_experts_note(dst) if opts.format == "hf" else None
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     if opts.format == "tagmoe":
         print(f"continue training with: python -m tagmoe_dist.train --config {dst}/model_config.yaml "
               "--deepspeed_config <ds.json> --resume   (under your launcher, "

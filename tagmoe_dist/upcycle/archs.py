@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from tagmoe_dist.checkpoint.files import is_train_checkpoint
 from tagmoe_dist.upcycle.hf import TensorSpec
 
 
@@ -228,15 +229,13 @@ def _megatron_hint(src: Path) -> str | None:
 def source_kind(src: Path) -> str:
     """'hf', 'tagmoe' or 'megatron' for a supported source; a ValueError listing the supported
     ones otherwise."""
-    from tagmoe_dist.upcycle.tagmoe import is_gpt_checkpoint
-
     src = Path(src)
     if not src.is_dir():
         raise ValueError(f"--src {src} is not a directory; supported sources: "
                          f"{supported_sources_text()}")
     if (src / "config.json").is_file() or any(src.glob("*.safetensors")):
         return "hf"
-    if is_gpt_checkpoint(src):
+    if is_train_checkpoint(src):
         return "tagmoe"
     if _megatron_hint(src) is not None:
         return "megatron"

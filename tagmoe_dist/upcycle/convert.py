@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,12 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tagmoe_dist.checkpoint import atomic
+from tagmoe_dist.checkpoint.files import UPCYCLE_METADATA
 from tagmoe_dist.upcycle import archs, recipes
 from tagmoe_dist.upcycle.hf import CODE_DTYPES, DenseCheckpoint, ShardedWriter, copy_side_files, sha256_file
 from tagmoe_dist.upcycle.options import UpcycleOptions
 from tagmoe_dist.upcycle.plan import Plan, make_plan
 
-METADATA_NAME = "upcycle_metadata.json"
+METADATA_NAME = UPCYCLE_METADATA
 
 
 def upcycle(opts: UpcycleOptions, progress: bool | None = None) -> Path:
@@ -51,14 +52,9 @@ def upcycle(opts: UpcycleOptions, progress: bool | None = None) -> Path:
     ckpt = DenseCheckpoint(opts.src)
     try:
         plan = make_plan(ckpt, opts)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-        try:
+        with atomic.new_dir(dst) as tmp:
             _write_all(ckpt, plan, opts, tmp, progress)
-            replace_dir(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            atomic.replace_dir(tmp, dst)
     finally:
         ckpt.close()
     return dst
@@ -183,18 +179,3 @@ def _metadata(plan: Plan, opts: UpcycleOptions, hashes: dict, index: dict, side:
         "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__,
                      "tagmoe_dist": version},
     }
-
-
-def replace_dir(tmp: Path, dst: Path):
-    """Put `tmp` at `dst` with renames only; an existing `dst` is removed after the swap."""
-    if not dst.exists():
-        os.rename(tmp, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.rmdir(old)
-    os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from tagmoe_dist.checkpoint import loading
+
 CONFIG_NAME = "megatron_config.json"
 _PREFIX = "decoder.layers."
 
@@ -77,7 +79,11 @@ def _settings(src: Path, ckpt: Path) -> dict[str, Any]:
             return json.loads((d / CONFIG_NAME).read_text())
     common = ckpt / "common.pt"
     if common.is_file():
-        state = torch.load(common, map_location="cpu", weights_only=False)
+        try:
+            state = loading.load(common, allow=[argparse.Namespace])
+        except ValueError as e:
+            raise _fail(src, f"{e} Write a {CONFIG_NAME} beside it instead (see "
+                             "docs/upcycling.md)") from None
         args = state.get("args") if isinstance(state, dict) else None
         if isinstance(args, argparse.Namespace):
             return vars(args)

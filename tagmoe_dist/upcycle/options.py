@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tagmoe_dist.paths import check_output_dir
 from tagmoe_dist.upcycle.recipes import ROUTER_INITS, SCALINGS
 
 FORMATS = ("tagmoe", "hf")
@@ -81,10 +82,8 @@ class UpcycleOptions:
         if self.layers not in LAYER_KEYWORDS and re.fullmatch(r"\d+(,\d+)*", self.layers) is None:
             raise ValueError(f"--layers {self.layers!r}: use 'all', 'every-other' or a comma list of "
                              "layer indices such as '1,3,5'")
-        src, dst = self.src.resolve(), self.dst.resolve()
-        if dst == src or src in dst.parents:
-            raise ValueError(f"--dst {self.dst} is the source directory or inside it; choose a "
-                             "directory outside --src")
+        # --force replaces --dst and nothing else: refuse a --dst that is, holds or sits in --src
+        check_output_dir(self.src, self.dst)
 
     def _check_format(self):
         if self.format not in FORMATS:

@@ -50,7 +50,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -60,19 +59,19 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from tagmoe_dist.checkpoint import MAIN_FILE, resolve_tag
+from tagmoe_dist.checkpoint import atomic, loading, manifest as mf
+from tagmoe_dist.checkpoint.files import (LATEST, MAIN_FILE, MODEL_CONFIG, TASK_SCHEMA, TP_MAIN_FILE,
+                                          UPCYCLE_METADATA, expert_file)
 from tagmoe_dist.models.gpt import GPTConfig
 from tagmoe_dist.tasks import TaskSchema
-from tagmoe_dist.training.checkpoint import MANIFEST
 from tagmoe_dist.upcycle import recipes
 from tagmoe_dist.upcycle.hf import sha256_file
 from tagmoe_dist.upcycle.options import UpcycleOptions, parse_layers
 
 TAG = "step_0"
-METADATA_NAME = "upcycle_metadata.json"
+METADATA_NAME = UPCYCLE_METADATA
 _FFN_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.(w1|w2)$")
 _EXPERT_KEY = "blocks.{block}.ffn.experts.deepspeed_moe.experts.deepspeed_experts.{expert}.{name}"
-_EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,27 +87,13 @@ class GptSource:
     schema_file: Optional[Path]   # the schema the source run wrote beside its checkpoints
 
 
-def is_gpt_checkpoint(src: Path) -> bool:
-    """Whether `src` looks like a tagmoe_dist.train checkpoint (root, tag or run directory)."""
-    src = Path(src)
-    return ((src / "latest").is_file() and (src / "model_config.yaml").is_file()
-            or (src / "checkpoints" / "latest").is_file()
-            or (src / MAIN_FILE).is_file() and (src.parent / "model_config.yaml").is_file())
-
-
 def find_source(src: Path) -> GptSource:
     src = Path(src)
-    if (src / "checkpoints" / "latest").is_file() and not (src / "latest").is_file():
-        src = src / "checkpoints"             # a run directory (train.log_dir)
-    if (src / MAIN_FILE).is_file():
-        root, tag_dir = src.parent, src       # one step_N directory
-    else:
-        root = src
-        try:
-            tag_dir = resolve_tag(src)
-        except FileNotFoundError as e:
-            raise ValueError(f"--src {src}: {e}") from None
-    config_file = root / "model_config.yaml"
+    try:
+        root, tag_dir = mf.locate(src)        # a checkpoint root, run or step_N directory
+    except FileNotFoundError as e:
+        raise ValueError(f"--src {src}: {e}") from None
+    config_file = root / MODEL_CONFIG
     if not config_file.is_file():
         raise ValueError(f"--src {src}: no model_config.yaml in {root}; tagmoe_dist.train writes it "
                          "beside its checkpoints (copy the run's config there as model_config.yaml)")
@@ -118,13 +103,13 @@ def find_source(src: Path) -> GptSource:
                          f"{cfg.moe_every}); upcycling starts from a dense one (arch: dense or "
                          "moe_every: 0). To change its expert-parallel size use "
                          "python -m tagmoe_dist.reshard")
-    if (tag_dir / "mp_rank_01_model_states.pt").exists():
+    if (tag_dir / TP_MAIN_FILE).exists():
         raise ValueError(f"--src {tag_dir}: checkpoints with tensor-parallel size > 1 are not "
                          "supported; consolidate them first")
     if not (tag_dir / MAIN_FILE).is_file():
         raise ValueError(f"--src {tag_dir} has no {MAIN_FILE}: a ZeRO-3 or pipeline checkpoint? "
                          "Upcycling reads ZeRO 0-2 checkpoints of tagmoe_dist.train")
-    schema = root / "task_schema.yaml"
+    schema = root / TASK_SCHEMA
     return GptSource(root, tag_dir, cfg, schema if schema.is_file() else None)
 
 
@@ -344,8 +329,6 @@ def _main_state(plan: GptPlan, state: dict, opts: UpcycleOptions,
 
 def upcycle_gpt(opts: UpcycleOptions, progress: bool | None = None) -> Path:
     """Convert the dense GPT checkpoint `opts.src` into the MoE checkpoint directory `opts.dst`."""
-    from tagmoe_dist.upcycle.convert import replace_dir
-
     dst = opts.dst
     if dst.name != "checkpoints":
         raise ValueError(f"--dst {dst}: for --format tagmoe name the directory 'checkpoints' (e.g. "
@@ -357,18 +340,13 @@ def upcycle_gpt(opts: UpcycleOptions, progress: bool | None = None) -> Path:
     src = find_source(opts.src)
     main_file = src.tag_dir / MAIN_FILE
     # mmap: tensors are paged in when used, so the source is never fully in memory.
-    state = torch.load(main_file, map_location="cpu", mmap=True, weights_only=False)
+    state = loading.load(main_file, mmap=True, deepspeed_objects=True)
     if "module" not in state or state["module"] is None:
         raise ValueError(f"{main_file} holds no 'module' state dict")
     plan = make_gpt_plan(src, state["module"], opts)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic.new_dir(dst) as tmp:
         _write_all(src, state, plan, opts, tmp, progress)
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.replace_dir(tmp, dst)
     return dst
 
 
@@ -393,24 +371,21 @@ def _write_all(src: GptSource, state: dict, plan: GptPlan, opts: UpcycleOptions,
                 key = dict(block=block, expert=e)
                 torch.save({_EXPERT_KEY.format(name="w1", **key): w1,
                             _EXPERT_KEY.format(name="w2", **key): w2},
-                           tag_dir / _EXPERT_FILE.format(layer=layer, expert=e))
+                           tag_dir / expert_file(layer, e))
                 bar.update(w1.nbytes + w2.nbytes)
         torch.save(_main_state(plan, state, opts, schema), tag_dir / MAIN_FILE)
     finally:
         bar.close()
 
-    files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir())}
     note = (f"upcycled by tagmoe_dist.upcycle from {src.tag_dir}: model weights only; the optimizer "
             "state starts fresh at step 0")
-    (tag_dir / MANIFEST).write_text(json.dumps(
-        {"step": 0, "files": files, "weights_only": True, "ep_size": opts.ep_size, "note": note},
-        indent=1))
-    (out / "latest").write_text(TAG)
+    mf.write(tag_dir, step=0, weights_only=True, ep_size=opts.ep_size, note=note)
+    (out / LATEST).write_text(TAG)
     if plan.schema_file is not None:
-        shutil.copyfile(plan.schema_file, out / "task_schema.yaml")
-    (out / "model_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        shutil.copyfile(plan.schema_file, out / TASK_SCHEMA)
+    (out / MODEL_CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     hashes = {str(p.relative_to(src.root)): sha256_file(p)
-              for p in (src.tag_dir / MAIN_FILE, src.root / "model_config.yaml")}
+              for p in (src.tag_dir / MAIN_FILE, src.root / MODEL_CONFIG)}
     if plan.schema_file is not None:
         hashes[str(plan.schema_file)] = sha256_file(plan.schema_file)
     (out / METADATA_NAME).write_text(json.dumps(_metadata(src, plan, opts, hashes), indent=2) + "\n")

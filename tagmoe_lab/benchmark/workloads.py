@@ -37,9 +37,13 @@ EVAL_SEED = 0           # eval sets are the same for every training seed: spread
 
 
 def load_model_config(path) -> "GPTConfig | DiTConfig":
-    """A GPT or DiT config from YAML (a DiT config has `image_size`)."""
+    """A GPT or DiT config from YAML (a DiT config has `image_size`; a diffusers transformer's,
+    a `diffusers:` section)."""
     with open(path, encoding="utf-8") as f:
         d = yaml.safe_load(f)
+    if isinstance(d, dict) and "diffusers" in d:
+        from tagmoe_dist.integrations.diffusers.training import DiffusersModelConfig
+        return DiffusersModelConfig.from_yaml(path)
     cls = DiTConfig if isinstance(d, dict) and "image_size" in d else GPTConfig
     try:
         return cls.from_dict(d)
@@ -48,6 +52,8 @@ def load_model_config(path) -> "GPTConfig | DiTConfig":
 
 
 def build_model(cfg, schema: Optional[TaskSchema] = None) -> torch.nn.Module:
+    if hasattr(cfg, "build_model"):            # a diffusers transformer (one process, EP=1)
+        return cfg.build_model(None, schema)
     return (DiT if isinstance(cfg, DiTConfig) else GPT)(cfg, task_schema=schema)
 
 
@@ -215,6 +221,31 @@ def image_workload(configs: Optional[Dict[str, str]] = None, data: Optional[dict
                     image_tag_table, schema_from_config=True)
 
 
+# ---------------------------------------------------------------------- latent editing (diffusers)
+def editing_workload(cfg) -> Workload:
+    """The synthetic latent editing tasks (tagmoe_dist.data.editing) at the shapes of a diffusers
+    model config; per-sample loss = Qwen-Image's flow matching (integrations/diffusers/training.py)."""
+    from tagmoe_dist.data.editing import EditingCollator, SyntheticEditing, synthetic_eval_splits
+    from tagmoe_dist.integrations.diffusers.training import WORKLOAD_DEFAULTS
+    schema = cfg.load_task_schema()
+    shape = {k: v for k, v in {**WORKLOAD_DEFAULTS, **cfg.workload}.items() if k != "num_samples"}
+    collate = EditingCollator(schema)
+
+    def make_train(seed, steps, batch):
+        ds = SyntheticEditing(steps * batch, schema, seed=seed, **shape)
+        return [collate([ds[i] for i in idx]) for idx in _chunks(steps * batch, batch)]
+
+    def make_eval(per_task, batch):
+        out = []
+        for ds in synthetic_eval_splits(per_task, schema, seed=EVAL_SEED, **shape).values():
+            out += [collate([ds[i] for i in idx]) for idx in _chunks(len(ds), batch)]
+        return out
+
+    names = tuple(SyntheticEditing(1, schema, **shape).task_names)
+    return Workload("editing", names, schema, {}, make_train, make_eval,
+                    lambda model, batch: cfg.batch_loss(model, batch, "cpu"), lambda b: None)
+
+
 # ---------------------------------------------------------------------- interference
 def _interference_loss(model, batch) -> torch.Tensor:
     """Mean cross-entropy over the 8 mapped positions; tags from the model's own schema."""
@@ -259,6 +290,8 @@ def workload_for(cfg) -> Workload:
     """The built-in workload a model config is evaluated on: the image tasks for a DiT; for a
     GPT, the text tasks at the comparison's sizes when seq_len matches them, else at
     tagmoe_dist.train's (SyntheticTextTasks defaults, seq_len of the model)."""
+    if hasattr(cfg, "batch_loss"):             # a diffusers transformer: latent editing
+        return editing_workload(cfg)
     if isinstance(cfg, DiTConfig):
         return image_workload(data=dict(image_size=cfg.image_size))
     if cfg.seq_len == TEXT_DATA["seq_len"]:

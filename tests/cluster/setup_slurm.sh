@@ -12,7 +12,9 @@ set -euo pipefail
 STATE="${TAGMOE_SLURM_DIR:-/tmp/tagmoe-slurm}"
 WAIT_S="${TAGMOE_SLURM_WAIT_S:-60}"
 HOST="$(hostname -s)"
-CPUS="$(nproc)"
+# Every CPU of the machine: `nproc` alone obeys OMP_NUM_THREADS (often exported as 1 on
+# clusters), which would make a 1-CPU node on which 2-task jobs pend forever.
+CPUS="$(nproc --all)"
 export SLURM_CONF="$STATE/slurm.conf"
 say() { echo "setup_slurm: $*"; }
 die() { echo "setup_slurm: FAILED: $*" >&2; exit 1; }
@@ -72,6 +74,9 @@ ReturnToService=2
 # sbatch --wait polls at 2 s, then 4x longer (10 s, 42 s, ...) unless 2 s >= MinJobAge/2:
 # keep job records briefly so short test jobs are noticed within 2 s.
 MinJobAge=4
+# Refuse at submission a job the partition can never run (more CPUs than the node has) instead
+# of leaving it PENDING with Reason=PartitionConfig forever.
+EnforcePartLimits=ALL
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} State=UNKNOWN

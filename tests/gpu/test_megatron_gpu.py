@@ -2,7 +2,8 @@
 (TP = PP = EP = 1): forward and backward, and router="topk" against Megatron's own
 MoELayer/TopKRouter at the same weights (tests/gpu/megatron_parity.py).
 
-Run it where a GPU is:  python tests/gpu/test_megatron_gpu.py   (prints a JSON report)
+Run it where a GPU is:  python tests/gpu/test_megatron_gpu.py   (prints a JSON report; part of
+`bash tests/gpu/run.sh`); `--cpu-smoke` runs the same script on CPU with gloo.
 Under pytest it runs that script in a subprocess, and is skipped without CUDA.
 """
 
@@ -34,25 +35,40 @@ def test_megatron_gpt_on_gpu_matches_megatron_moe():
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
+    import argparse
     import torch.distributed as dist
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    ap = argparse.ArgumentParser(description="Megatron GPTModel with our MoE spec vs Megatron's MoELayer")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="on CPU with gloo, Megatron's CUDA calls under the test shim tests/megatron_cpu.py")
+    smoke = ap.parse_args().cpu_smoke
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29571")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    if smoke:
+        from tests.megatron_cpu import patch
+        patch()
+        device, backend = "cpu", "gloo"
+    else:
+        if not torch.cuda.is_available():
+            print("test_megatron_gpu.py: no CUDA device (use --cpu-smoke on CPU)", file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.cuda.set_device(0)
+        device, backend = "cuda", "nccl"
+    dist.init_process_group(backend, rank=0, world_size=1)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from tests.gpu import megatron_parity
     ps.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "ok": False}
+    report = {"check": "Megatron GPTModel parity", "torch": torch.__version__, "ok": False,
+              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
     try:
-        diffs = megatron_parity.compare("cuda")
+        diffs = megatron_parity.compare(device)
         report["max_diff_logits"] = diffs["logits"]
         report["max_rel_diff_grads"] = max(v for k, v in diffs.items() if k.startswith("grad"))
         report["max_diff_logs"] = max(v for k, v in diffs.items() if k.startswith("log"))
-        report.update(megatron_parity.task_aware_smoke("cuda"))
+        report.update(megatron_parity.task_aware_smoke(device))
         report["ok"] = True
     except Exception as e:  # report, then fail
         report["error"] = f"{type(e).__name__}: {e}"[:2000]

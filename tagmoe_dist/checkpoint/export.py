@@ -1,4 +1,4 @@
-"""One global fp32 state dict from a DeepSpeed checkpoint of an expert-parallel model.
+"""Export: one global fp32 state dict from a DeepSpeed checkpoint of an expert-parallel model.
 
     python -m tagmoe_dist.checkpoint export --ckpt runs/x/checkpoints --out model.safetensors
 
@@ -21,41 +21,27 @@ What DeepSpeed writes in `<ckpt_dir>/<tag>/` for ZeRO stages 0-2 (model parallel
 `<prefix>.w1` [E, D, H] (prefix = the layer's expert container, e.g. `blocks.0.moe.experts`). The
 values are the module weights: exactly the trained weights for fp32 training; for bf16/fp16 training
 the 16-bit weights upcast (the fp32 master copy lives in the optimizer partitions).
-Files are unpickled with `weights_only=False` (DeepSpeed stores Python objects): trusted input only.
+Before reading, the checkpoint is verified against its manifest (sizes and content hashes;
+`manifest.select`, which also falls back from a damaged `latest` to the newest intact step_N).
+Files are read with `torch.load(weights_only=True)` (`loading.py`): no code runs from them.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
 
-MAIN_FILE = "mp_rank_00_model_states.pt"
-_EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+from tagmoe_dist.checkpoint import atomic, loading, manifest
+from tagmoe_dist.checkpoint.files import EXPERT_FILE, MAIN_FILE, TP_MAIN_FILE, ZERO3_MAIN_FILE, expert_file
+
 _EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
 
 PathLike = Union[str, os.PathLike]
-
-
-def resolve_tag(ckpt_dir: PathLike, tag: Optional[str] = None) -> Path:
-    """`<ckpt_dir>/<tag>`, where tag defaults to the content of `<ckpt_dir>/latest`."""
-    ckpt_dir = Path(ckpt_dir)
-    if tag is None:
-        latest = ckpt_dir / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"{ckpt_dir} has no 'latest' file: pass the tag (the step_* "
-                                    "directory name) explicitly, or point at the checkpoint root")
-        tag = latest.read_text().strip()
-    tag_dir = ckpt_dir / str(tag)
-    if not tag_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {tag_dir} does not exist")
-    return tag_dir
 
 
 def _fp32(t):
@@ -66,7 +52,7 @@ def _expert_files(tag_dir: Path) -> Dict[int, Dict[int, Path]]:
     """{layer: {global expert id: file}} of every per-expert file in the tag directory."""
     files: Dict[int, Dict[int, Path]] = defaultdict(dict)
     for p in tag_dir.iterdir():
-        m = _EXPERT_FILE.match(p.name)
+        m = EXPERT_FILE.match(p.name)
         if not m:
             continue
         if int(m.group(3)) != 0:
@@ -77,30 +63,36 @@ def _expert_files(tag_dir: Path) -> Dict[int, Dict[int, Path]]:
 
 
 def _stacked_name(m: "re.Match") -> str:
-    # Our container (w1/w2): MoELayer.full_state_dict()'s naming. Anything else (DeepSpeed's
-    # native experts): the ModuleList level `deepspeed_experts.<id>` becomes the stacked dim 0.
-    if m.group(3) in ("w1", "w2"):
+    # Our container (w1/w2, biases b1/b2): MoELayer.full_state_dict()'s naming. Anything else
+    # (DeepSpeed's native experts): the ModuleList level `deepspeed_experts.<id>` becomes dim 0.
+    if m.group(3) in ("w1", "w2", "b1", "b2"):
         return f"{m.group(1)}.{m.group(3)}"
     return f"{m.group(1)}.deepspeed_moe.experts.{m.group(3)}"
 
 
 def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The global fp32 state dict of a DeepSpeed (ZeRO 0-2) checkpoint, experts stacked.
+    """The global fp32 state dict of a DeepSpeed checkpoint, experts stacked (ZeRO 0-2 here;
+    ZeRO-3: integrations/zero3_checkpoint.consolidate).
 
-    Reads `<ckpt_dir>/<tag or latest>/`. Raises ValueError naming the first missing expert file if
-    any expert id 0..E-1 of any MoE layer is absent (e.g. an expert-parallel rank did not save).
+    Reads `<ckpt_dir>/<tag or latest>/`; `ckpt_dir` may also be the run directory or one step_N
+    directory. Raises ValueError naming the first missing, truncated or changed file (checked
+    against the manifest), or the first missing expert file if any expert id 0..E-1 of any MoE
+    layer is absent (e.g. an expert-parallel rank did not save).
     """
-    tag_dir = resolve_tag(ckpt_dir, tag)
+    try:
+        _, tag_dir, _ = manifest.select(ckpt_dir, tag)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{ckpt_dir}: {e}") from None
     main = tag_dir / MAIN_FILE
     if not main.is_file():
-        if (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
-            raise ValueError(f"{tag_dir} is a ZeRO-3 checkpoint; consolidate() reads ZeRO 0-2 "
-                             "checkpoints (tagmoe_dist refuses ZeRO-3 with MoE layers)")
+        if (tag_dir / ZERO3_MAIN_FILE).is_file():
+            from tagmoe_dist.integrations import zero3_checkpoint
+            return zero3_checkpoint.consolidate(tag_dir)
         raise FileNotFoundError(f"{main} not found: is {tag_dir} a DeepSpeed checkpoint?")
-    if (tag_dir / "mp_rank_01_model_states.pt").is_file():
+    if (tag_dir / TP_MAIN_FILE).is_file():
         raise ValueError(f"{tag_dir}: checkpoints with model (tensor) parallel size > 1 are not "
                          "supported by consolidate()")
-    state = torch.load(main, map_location="cpu", weights_only=False)
+    state = loading.load(main, deepspeed_objects=True)
     if "module" not in state or state["module"] is None:
         raise ValueError(f"{main} holds no 'module' state dict (a pipeline-engine checkpoint?)")
     out: Dict[str, torch.Tensor] = {k: _fp32(v) for k, v in state["module"].items()}
@@ -114,7 +106,7 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
         E = num_experts[layer] if layer < len(num_experts) else max(have) + 1
         missing = [e for e in range(E) if e not in have]
         if missing:
-            want = tag_dir / f"layer_{layer}_expert_{missing[0]}_mp_rank_00_model_states.pt"
+            want = tag_dir / expert_file(layer, missing[0])
             raise ValueError(f"incomplete checkpoint: MoE layer {layer} has {E} experts but "
                              f"{want} is missing ({len(missing)} expert file(s) absent: ids "
                              f"{missing}); was it written by every expert-parallel rank?")
@@ -124,7 +116,7 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
                              f"ids {extra} exist; the directory mixes two checkpoints")
         stacks: Dict[str, list] = defaultdict(list)
         for e in range(E):
-            expert_sd = torch.load(have[e], map_location="cpu", weights_only=True)
+            expert_sd = loading.load(have[e])
             for key, t in expert_sd.items():
                 m = _EXPERT_KEY.match(key)
                 if m is None or int(m.group(2)) != e:
@@ -142,19 +134,6 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
     return out
 
 
-def _atomic(path: PathLike, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def save_safetensors(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Path:
     """Write `state_dict` as safetensors, atomically (temporary name in the same directory, then
     rename), so a reader never sees a half-written file."""
@@ -166,39 +145,9 @@ def save_safetensors(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Pat
     # safetensors refuses tensors that share storage (the per-expert views of one stack).
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()
                if isinstance(v, torch.Tensor)}
-    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return atomic.write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def save_torch(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Path:
     """torch.save, atomically."""
-    return _atomic(path, lambda tmp: torch.save(state_dict, tmp))
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tagmoe_dist.checkpoint",
-                                 description="Tools for DeepSpeed checkpoints of tagmoe_dist models.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="consolidate a checkpoint (all expert-parallel ranks) into "
-                                       "one global fp32 state dict file",
-                        description=consolidate.__doc__)
-    ex.add_argument("--ckpt", required=True, help="checkpoint root (the directory holding 'latest')")
-    ex.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_100 (default: 'latest')")
-    ex.add_argument("--out", required=True, help="output file: .safetensors or .pt")
-    args = ap.parse_args(argv)
-
-    out = Path(args.out)
-    if out.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        ap.error(f"--out {out}: use a .safetensors or .pt file name")
-    try:
-        sd = consolidate(args.ckpt, args.tag)
-        (save_safetensors if out.suffix == ".safetensors" else save_torch)(sd, out)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    numel = sum(v.numel() for v in sd.values() if isinstance(v, torch.Tensor))
-    print(f"wrote {out}: {len(sd)} tensors, {numel:,} values")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return atomic.write_file(path, lambda tmp: torch.save(state_dict, tmp))
