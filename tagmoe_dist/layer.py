@@ -318,3 +318,13 @@ def plan_overlap(model: nn.Module, tokens: Optional[int] = None) -> int:
                                           dtype=w.dtype)
         layer.dispatcher.rates = measured[key]
     return len(measured)
+
+
+def register_moe_layers(model: nn.Module) -> int:
+    """Tell every MoELayer of `model` how many MoE layers the model has, so that
+    `aux_loss_reduction="mean"` averages the load-balancing loss over them (MegaBlocks'
+    convention). Models and integrations call it once they are built. Returns the count."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        layer.num_moe_layers = len(layers)
+    return len(layers)

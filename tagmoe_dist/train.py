@@ -299,7 +299,8 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     # --
     torch.manual_seed(train["seed"])
     groups = tds.parallel_groups(train["ep_size"]) if not cfg.is_dense else None
-    with tds.build_context(ds_config):      # ZeRO-3: partitioned as it is built (zero3.py)
+    # ZeRO-3: partitioned as it is built (zero3.py), unless the model config says it cannot be
+    with tds.build_context(ds_config, enabled=getattr(cfg, "zero3_init", True)):
         model = build_model(cfg, groups, schema).to(device)
     alignment = getattr(model, "alignment", None)
     if alignment is not None and train["data"] == "synthetic" and not hasattr(cfg, "build_data"):

@@ -53,7 +53,9 @@ def test_paper_defaults_and_block_choice():
     cfg = tmd.moe_layers(model)[0].cfg
     assert (cfg.num_experts, cfg.top_k, cfg.activation, cfg.expert_mlp_bias, cfg.norm_topk_prob,
             cfg.router, cfg.ffn_hidden_size) == (4, 1, "gelu", True, False, "task_aware", 4 * 32)
-    assert cfg.aux_loss_coeff == pytest.approx(0.01 / 2)      # MegaBlocks: averaged over layers
+    # MegaBlocks: weight 0.01, averaged over the MoE layers
+    assert cfg.aux_loss_coeff == 0.01 and cfg.aux_loss_reduction == "mean"
+    assert all(m.num_moe_layers == 2 for m in tmd.moe_layers(model))
     blocks = model.transformer_blocks
     assert type(blocks[1].img_mlp).__name__ == "FeedForward"                # not chosen: dense
     assert all(type(b.txt_mlp).__name__ == "FeedForward" for b in blocks)   # text stream: dense
@@ -142,11 +144,11 @@ def test_bf16_transformer_keeps_its_dtype():
 
 # --------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(moe_blocks=[4]), "block index 4 is out of range"),
+    (dict(moe_blocks=[4]), "layer index 4 is out of range"),
     (dict(moe_blocks=[-5]), "out of range"),
     (dict(moe_blocks="last:5"), "'last:K' needs an integer K in 0..4"),
     (dict(moe_blocks="first:2"), "is not understood"),
-    (dict(moe_blocks=[1, -3]), "listed twice"),
+    (dict(moe_blocks=[1, -3]), "moe_blocks: layer 1 is listed twice"),
     (dict(moe_blocks="none"), "selects no block"),
     (dict(moe={"num_experts": 3}, groups=ParallelGroups(ep_size=2)), "not divisible by the expert-parallel size 2"),
     (dict(moe={"ffn_hidden_size": 64}), "ffn_hidden_size=64 must be 128"),

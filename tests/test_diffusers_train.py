@@ -93,7 +93,7 @@ def test_model_config_errors(tmp_path):
             with pytest.raises(ValueError, match=match):
                 DiffusersModelConfig(**d)
         else:            # a block index is checked against the built model, before conversion
-            with pytest.raises(ValueError, match="block index 7 is out of range"):
+            with pytest.raises(ValueError, match="layer index 7 is out of range"):
                 DiffusersModelConfig(**d).build_model(None, SCHEMA)
 
 
@@ -115,10 +115,10 @@ def _env():
     return env
 
 
-def _train(log_dir, ep_size, steps=10):
+def _train(log_dir, ep_size, steps=10, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tagmoe_dist.train", "--config", CONFIG,
-           "--deepspeed_config", "configs/deepspeed/zero2.json",
+           "--deepspeed_config", "configs/deepspeed/zero2.json", *extra,
            "--set", f"steps={steps}", f"log_dir={log_dir}", f"ep_size={ep_size}",
            "batch_size_per_rank=4", "eval_interval=0", "log_interval=1", "warmup_steps=2"]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
@@ -162,3 +162,15 @@ def test_full_size_config_is_the_papers():
             moe.score_function, moe.capacity_factor) == (4, 1, "gelu", True, False, "softmax", None)
     assert moe.aux_loss_coeff * 10 == pytest.approx(0.01) and moe.align_dim == 512
     assert cfg.diffusers["dtype"] == "bfloat16" and cfg.train["ep_size"] == 4
+
+
+def test_resume_restores_expert_biases(tmp_path):
+    """DeepSpeed's per-expert files hold the experts' biases too: a resumed run continues with the
+    uninterrupted run's losses, bit for bit."""
+    full = _train(tmp_path / "a", 2, 4)
+    _train(tmp_path / "b", 2, 2)
+    resumed = _train(tmp_path / "b", 2, 4, "--resume")
+    assert len(resumed) == 4 and resumed == full
+    expert = torch.load(next((tmp_path / "b" / "checkpoints" / "step_4").glob("layer_0_expert_0_*")),
+                        weights_only=True)
+    assert any(k.endswith(".b1") for k in expert) and any(k.endswith(".b2") for k in expert)

@@ -92,6 +92,9 @@ def test_built_model_and_generate(model_dirs):
         gen_want = src.generate(ids_BS, max_new_tokens=4, do_sample=False)
     model = tm.hf.from_pretrained(src).eval()
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    # aux_loss_reduction="mean" (the default) averages over the model's MoE layers
+    layers = [m for m in model.modules() if isinstance(m, tm.MoELayer)]
+    assert len(layers) > 1 and all(m.num_moe_layers == len(layers) for m in layers)
     with torch.no_grad():
         assert _rel_err(want, model(ids_BS).logits) <= REL_TOL
         gen = model.generate(ids_BS, max_new_tokens=4, do_sample=False)

@@ -307,7 +307,7 @@ def test_sbatch_term_leaves_an_unfinished_run_failed_not_completed(slurm, tmp_pa
             _cancel(slurm, name)
             proc.kill()
     text = _text(out)
-    assert "stopped by signal at step" in text and "requeueing" not in text, text[-3000:]
+    assert "stopped by signal at step" in text and "requeueing job" not in text, text[-3000:]
     assert rc != 0 and "train.sbatch: training step ended (exit 143)" in text, (rc, text[-3000:])
 
 
@@ -329,7 +329,7 @@ def test_warning_after_the_last_step_does_not_requeue(slurm, tmp_path):
             _cancel(slurm, name)
             proc.kill()
     text = _text(out)
-    assert rc == 0 and "requeueing" not in text, text[-3000:]
+    assert rc == 0 and "requeueing job" not in text, text[-3000:]
     assert text.count("train.sbatch: start ") == 1, text[-3000:]
     if job:
         assert "time-limit warning during teardown of a finished run: not requeueing" in text

@@ -187,6 +187,20 @@ def test_full_disk_names_the_path(run, tmp_path):
     assert list(out.parent.iterdir()) == []        # no temporary file left behind
 
 
+def test_full_disk_during_training_names_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tagmoe_dist.train", "--config", CONFIG,
+           "--deepspeed_config", "configs/deepspeed/zero2.json",
+           "--set", "steps=2", f"log_dir={run}", *FAST]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+                       preexec_fn=_limit_file_size)
+    assert r.returncode != 0
+    assert f"writing {run / 'checkpoints' / 'step_2'} failed" in r.stderr, r.stderr[-3000:]
+    assert not (run / "checkpoints" / "latest").exists()
+    assert not (run / "checkpoints" / "step_2" / MANIFEST).exists()
+
+
 # ------------------------------------------------------------------ item 8: no code from files
 class _Payload:
     def __init__(self, marker):

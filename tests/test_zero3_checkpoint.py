@@ -1,4 +1,4 @@
-"""ZeRO-3 checkpoints of EP models (integrations/zero3_checkpoint.py), real engines on gloo/CPU.
+"""ZeRO-3 checkpoints of EP models (checkpoint/zero3.py), real engines on gloo/CPU.
 
 One 2-process run saves a training checkpoint at EP=2 (tagmoe_dist.checkpoint.engine.save), the
 gathered global weights, and the losses of three more steps. Here, in the test process:
@@ -57,7 +57,7 @@ def _save_worker(rank, world, out_dir):
 
 
 def _load_worker(rank, world, out_dir):
-    from tagmoe_dist.integrations.zero3_checkpoint import load_universal
+    from tagmoe_dist.checkpoint.zero3 import load_universal
     from tagmoe_dist.checkpoint import engine as ckpt
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = gpt_config("task_aware")
@@ -81,7 +81,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(saved):
-    from tagmoe_dist.integrations.zero3_checkpoint import to_universal
+    from tagmoe_dist.checkpoint.zero3 import to_universal
     tag_dir = saved / "run" / "checkpoints" / f"step_{SAVE}"
     uc = saved / "universal"
     uc.mkdir()

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 def _worker(rank, world, out):
     import deepspeed
-    from tagmoe_dist.integrations.zero3_checkpoint import autoep_layers
+    from tagmoe_dist.checkpoint.zero3 import autoep_layers
     from tagmoe_dist.layer import MoELayer
     from tests.test_zero3 import build_engine, gpt_config, train_steps
     deepspeed.init_distributed(dist_backend="gloo")
@@ -69,7 +69,7 @@ def main() -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="uc_repro_"))
     from tests.dist_utils import run_distributed
     run_distributed(_worker, 4, str(work))
-    from tagmoe_dist.integrations.zero3_checkpoint import consolidate, to_universal
+    from tagmoe_dist.checkpoint.zero3 import consolidate, to_universal
     name = "blocks.0.ffn.experts.w1"
     truth = consolidate(work / "plain" / "t")[name]
 

@@ -8,6 +8,8 @@ save/load, export and resharding. One module per concept:
     export.py     one global fp32 state dict; cli.py its command line (`python -m ... export`)
     reshard.py    another expert-parallel / world size; reshard_cli.py `python -m tagmoe_dist.reshard`
     zero.py       its ZeRO 1/2 partition math, pure functions
+    zero3.py      ZeRO-3 checkpoints: consolidate, reshard to weights, universal checkpoints
+    loading.py    every read: torch.load(weights_only=True), DeepSpeed's objects allowed by name
 
 Nothing here imports upcycle/, training/ or train.py; they import this package.
 """

@@ -98,7 +98,7 @@ def save(engine, ckpt_dir: Path, step: int, config: Optional[dict] = None,
         mf.remove(tag_dir)
     _barrier()
     try:
-        # ZeRO-3 models add their layout (integrations/zero3_checkpoint.client_state)
+        # ZeRO-3 models add their layout (checkpoint/zero3.client_state)
         client = {"step": step, **getattr(engine.module, "tagmoe_client_state", {})}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     except (OSError, RuntimeError) as e:
@@ -256,7 +256,7 @@ def load(engine, ckpt_dir: Path, ep_size: Optional[int] = None,
         if manifest.get("weights_only") and engine.zero_optimization_partition_weights():
             # ZeRO-3 engines cannot load ZeRO 0-2 module files: whole weights, then partitioned
             from tagmoe_dist.checkpoint import consolidate
-            from tagmoe_dist.integrations.zero3_checkpoint import load_weights
+            from tagmoe_dist.checkpoint.zero3 import load_weights
             load_weights(engine, consolidate(root, tag))
             return int(manifest.get("step", 0))
         if manifest.get("weights_only"):

@@ -72,7 +72,7 @@ def _stacked_name(m: "re.Match") -> str:
 
 def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The global fp32 state dict of a DeepSpeed checkpoint, experts stacked (ZeRO 0-2 here;
-    ZeRO-3: integrations/zero3_checkpoint.consolidate).
+    ZeRO-3: checkpoint/zero3.consolidate).
 
     Reads `<ckpt_dir>/<tag or latest>/`; `ckpt_dir` may also be the run directory or one step_N
     directory. Raises ValueError naming the first missing, truncated or changed file (checked
@@ -86,7 +86,7 @@ def consolidate(ckpt_dir: PathLike, tag: Optional[str] = None) -> Dict[str, torc
     main = tag_dir / MAIN_FILE
     if not main.is_file():
         if (tag_dir / ZERO3_MAIN_FILE).is_file():
-            from tagmoe_dist.integrations import zero3_checkpoint
+            from tagmoe_dist.checkpoint import zero3 as zero3_checkpoint
             return zero3_checkpoint.consolidate(tag_dir)
         raise FileNotFoundError(f"{main} not found: is {tag_dir} a DeepSpeed checkpoint?")
     if (tag_dir / TP_MAIN_FILE).is_file():

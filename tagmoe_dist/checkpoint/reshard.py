@@ -102,7 +102,7 @@ def saved_layout(tag_dir: PathLike) -> Dict[str, Optional[int]]:
     for a dense model or when the checkpoint has no ZeRO optimizer files). Cheap: reads the main
     file and rank 0's optimizer file, memory-mapped. Meant for a resume-time check."""
     tag_dir = Path(tag_dir)
-    from tagmoe_dist.integrations import zero3_checkpoint
+    from tagmoe_dist.checkpoint import zero3 as zero3_checkpoint
     if zero3_checkpoint.is_zero3(tag_dir) and not (tag_dir / MAIN_FILE).is_file():
         return zero3_checkpoint.saved_layout(tag_dir)
     main = _load(tag_dir / MAIN_FILE)
@@ -134,7 +134,7 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
     check_output_dir(root, dst)
     if (tag_dir / TP_MAIN_FILE).exists():
         raise ValueError(f"{tag_dir}: tensor-parallel checkpoints are not supported")
-    from tagmoe_dist.integrations import zero3_checkpoint
+    from tagmoe_dist.checkpoint import zero3 as zero3_checkpoint
     if zero3_checkpoint.is_zero3(tag_dir) and not (tag_dir / MAIN_FILE).is_file():
         # ZeRO-3: the weights, re-laid out as ZeRO 0-2 files (a weights-only source)
         import tempfile
@@ -142,8 +142,8 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
         with tempfile.TemporaryDirectory(prefix=f".{dst.name}.z3-", dir=dst.parent) as z2:
             z2_tag = Path(z2) / tag_dir.name
             layout = zero3_checkpoint.write_zero2_weights(tag_dir, z2_tag)
-            given = _read_manifest(tag_dir)
-            mf.write(z2_tag, step=given.get("step"), weights_only=True, ep_size=layout["ep_size"])
+            mf.write(z2_tag, step=manifest_in.get("step"), weights_only=True,
+                     ep_size=layout["ep_size"])
             for name in (MODEL_CONFIG,) + _SIDE_FILES:
                 if (root / name).is_file():
                     shutil.copy2(root / name, Path(z2) / name)

@@ -113,11 +113,13 @@ def _ds_class(base: type) -> type:
     return _CLASS_CACHE[base]
 
 
-def build_context(ds_config: Dict[str, Any]):
+def build_context(ds_config: Dict[str, Any], enabled: bool = True):
     """The context to build the model in: ZeRO-3 partitioning at construction for stage 3
-    (`zero3.init`), nothing for stages 0-2."""
+    (`zero3.init`), nothing for stages 0-2 or with enabled=False (models whose building cannot
+    run under deepspeed.zero.Init, e.g. transformers' from_pretrained: the engine partitions
+    them at deepspeed.initialize, with the same placement)."""
     from tagmoe_dist.integrations import zero3
-    return zero3.init(ds_config)
+    return zero3.init(ds_config, enabled=enabled)
 
 
 def prepare_model(model: nn.Module, ds_config: Optional[Dict[str, Any]] = None) -> nn.Module:

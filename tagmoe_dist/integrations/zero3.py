@@ -20,7 +20,7 @@ How DeepSpeed 0.19.8 places a parameter under ZeRO-3, and what we set:
      AutoEP checkpoint path is keyed to AutoEP's own `experts.w1/w2/w3` layout. So the engine
      sees a plain ZeRO-3 model whose expert sub-groups it partitions and reduces as above, and
      saves a plain ZeRO-3 checkpoint (`ds_zero_partition_groups` in each optimizer file records
-     the partition groups; `tagmoe_dist.integrations.zero3_checkpoint` reads it).
+     the partition groups; `tagmoe_dist.checkpoint.zero3` reads it).
   4. ZeRO-3 gathers a module's parameters in forward/backward hooks of the module that owns
      them. `MoELayer` reads its experts' weights without calling the expert module (the
      dispatcher runs grouped kernels on them), so every `MoELayer` is made a ZeRO-3 *leaf
@@ -28,7 +28,8 @@ How DeepSpeed 0.19.8 places a parameter under ZeRO-3, and what we set:
      it is entered, on every rank, whatever the routing -- a rank whose tokens reach none of its
      experts still takes part in the same gathers and reduce-scatters (DeepSpeed issue 4808).
      The model-wide `TaskAlignment` is read by the model after the last block (`finish()`), so
-     its direct parameters are registered as external parameters of the root module.
+     its parameters are registered as external parameters of the root module (gathered for the
+     whole forward and backward of the model).
 
 Construction (`init`): a `deepspeed.zero.Init` whose conversion waits one level: a module's
 parameters are partitioned when its *parent* finishes `__init__`. The parent's own init code
@@ -177,12 +178,14 @@ def prepare_model(model: nn.Module) -> nn.Module:
         if not all(_is_zero_param(p) for p in layer.experts.parameters()):
             mark_experts(layer)
     set_z3_leaf_modules(model, [MoELayer])
-    from tagmoe_dist.integrations.zero3_checkpoint import client_state
+    from tagmoe_dist.checkpoint.zero3 import client_state
     model.tagmoe_client_state = client_state(model)      # saved by checkpoint/engine.save
     inside = {id(m) for layer in layers for m in layer.modules()}
     for m in model.modules():
         if isinstance(m, TaskAlignment) and id(m) not in inside:
-            for p in m.parameters(recurse=False):
+            # all of it, predictor included: Hugging Face models evaluate the head on a
+            # detached signature (task_context.py) whose backward no module hook announces
+            for p in m.parameters():
                 register_external_parameter(model, p)
     return model
 

@@ -32,7 +32,7 @@ from tagmoe_dist.integrations.diffusers.block import (DiffusersMoE, TaskState,
                                                       _AlignmentHook)
 from tagmoe_dist.integrations.diffusers.families import (dense_ffn_weights, family_of,
                                                          parse_moe_blocks)
-from tagmoe_dist.layer import MoELayer
+from tagmoe_dist.layer import MoELayer, register_moe_layers
 from tagmoe_dist.parallel import ParallelGroups
 from tagmoe_dist.tasks import TaskSchema
 from tagmoe_dist.upcycle.recipes import add_noise, drop_indices, make_generator, reinit_along
@@ -100,8 +100,8 @@ def moe_config_for(hidden: int, ffn: int, moe: Union[None, Mapping[str, Any], Mo
     defaults = dict(PAPER_MOE, hidden_size=hidden, ffn_hidden_size=ffn,
                     router="task_aware" if has_schema else "topk",
                     # MegaBlocks (the paper's code) averages the balance loss over the MoE layers:
-                    # weight 0.01 in total, 0.01 / L per layer with our per-layer losses.
-                    aux_loss_coeff=0.01 / max(1, num_blocks))
+                    # weight 0.01, aux_loss_reduction="mean" (register_moe_layers sets L)
+                    aux_loss_coeff=0.01, aux_loss_reduction="mean")
     fields = {**defaults, **given}
     for name, want, why in (("hidden_size", hidden, "the transformer's inner dim"),
                             ("ffn_hidden_size", ffn, "the dense FFN's width: experts are its copies"),
@@ -226,6 +226,7 @@ def convert(transformer: nn.Module, moe_blocks: Any = "last:10",
         "family": type(transformer).__name__, "blocks": chosen, "ffn": family.ffn,
         "moe": cfg.to_dict(), "upcycle": dataclasses.asdict(opts), "exact": is_exact(cfg, opts),
         "combine_scale": combine_scale(cfg), "ep_size": groups.ep_size})
+    register_moe_layers(transformer)    # aux_loss_reduction="mean": averaged over the MoE blocks
     return transformer
 
 

@@ -22,6 +22,8 @@ from typing import Any, Dict, List
 
 import torch.nn as nn
 
+from tagmoe_dist.config import parse_moe_layers
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -52,45 +54,9 @@ def family_of(model: Any) -> Family:
 
 
 def parse_moe_blocks(spec: Any, num_layers: int, field: str = "moe_blocks") -> List[int]:
-    """Which of a model's `num_layers` blocks (0-based) get an MoE FFN, sorted.
-
-    spec: a list of block indices (negative ones count from the end, as in Python), "last:K"
-    (the last K blocks: the TAG-MoE paper's 10 of 60), "all", or "none". Errors name `field`.
-    """
-    if not isinstance(num_layers, int) or num_layers <= 0:
-        raise ValueError(f"{field}: the model needs a positive number of blocks, got {num_layers!r}")
-    if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s == "all":
-            return list(range(num_layers))
-        if s == "none":
-            return []
-        if s.startswith("last:"):
-            try:
-                k = int(s[5:])
-            except ValueError:
-                k = -1
-            if not 0 <= k <= num_layers:
-                raise ValueError(f"{field}={spec!r}: 'last:K' needs an integer K in 0..{num_layers} "
-                                 f"(the model has {num_layers} blocks)")
-            return list(range(num_layers - k, num_layers))
-        raise ValueError(f"{field}={spec!r} is not understood: give a list of block indices, "
-                         "'last:K', 'all' or 'none'")
-    if not isinstance(spec, (list, tuple)):
-        raise ValueError(f"{field} must be a list of block indices or a string ('last:K', 'all', "
-                         f"'none'), got {type(spec).__name__}")
-    out = set()
-    for i in spec:
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise ValueError(f"{field}: block index {i!r} is not an integer")
-        if not -num_layers <= i < num_layers:
-            raise ValueError(f"{field}: block index {i} is out of range for a model of {num_layers} "
-                             f"blocks (valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
-        j = i % num_layers
-        if j in out:
-            raise ValueError(f"{field}: block {j} is listed twice")
-        out.add(j)
-    return sorted(out)
+    """Which of a model's `num_layers` blocks (0-based) get an MoE FFN, sorted: the core's
+    `parse_moe_layers` ("last:K", "all", "none" or a list of indices, negative from the end)."""
+    return parse_moe_layers(spec, num_layers, field)
 
 
 def dense_ffn_weights(ffn: nn.Module, where: str):

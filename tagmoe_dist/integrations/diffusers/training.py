@@ -139,6 +139,7 @@ class DiffusersModelConfig:
     train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     is_dense = False
+    zero3_init = False        # ZeRO-3: built whole, partitioned by the engine (integrations/zero3.py)
 
     def __post_init__(self):
         from tagmoe_dist.integrations.diffusers.families import SUPPORTED

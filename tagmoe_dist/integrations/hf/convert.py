@@ -24,7 +24,7 @@ from tagmoe_dist.gating.task_aware import TaskAlignment
 from tagmoe_dist.integrations.hf import families
 from tagmoe_dist.integrations.hf.block import (CONTEXT_ATTR, HEAD_ATTR, AlignmentHook,
                                                HFMoEBlock)
-from tagmoe_dist.layer import MoELayer
+from tagmoe_dist.layer import MoELayer, register_moe_layers
 from tagmoe_dist.parallel import ParallelGroups
 from tagmoe_dist.task_context import TaskContext
 from tagmoe_dist.tasks import TaskSchema
@@ -169,6 +169,7 @@ def from_pretrained(src, moe: Optional[Mapping[str, Any]] = None,
         "upcycle": None if up is None else up.to_dict(), "moe_layers": converted,
         "task_schema": None if task_schema is None else task_schema.to_dict(),
         "alignment_hook": hook})
+    register_moe_layers(model)          # aux_loss_reduction="mean": averaged over the MoE layers
     return model
 
 

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import yaml
 
+from tagmoe_dist.checkpoint import loading
 from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.integrations.hf import families
 
@@ -151,7 +152,7 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
                          "Export with --format tagmoe instead")
     tag_dir = resolve_tag(ckpt, tag)
     # 2. plan
-    state = torch.load(tag_dir / MAIN_FILE, map_location="cpu", weights_only=False, mmap=True)
+    state = loading.load(tag_dir / MAIN_FILE, mmap=True, deepspeed_objects=True)
     module = state["module"]
     plain: Dict[str, Tuple[str, torch.Tensor]] = {}
     head: Dict[str, torch.Tensor] = {}

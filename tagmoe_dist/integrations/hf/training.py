@@ -49,6 +49,9 @@ class HFModelConfig:
     train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     is_dense = False          # the trainer's flag: this model always has MoE layers
+    # ZeRO-3: from_pretrained cannot run under deepspeed.zero.Init (its tensor-constructor
+    # patch breaks transformers); the engine partitions the built model (integrations/zero3.py)
+    zero3_init = False
 
     def __post_init__(self):
         object.__setattr__(self, "hf", str(Path(self.hf).resolve()))

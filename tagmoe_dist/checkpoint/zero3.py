@@ -20,7 +20,8 @@ Algorithm of `consolidate`:
      expert-parallel rank order into [E, ...] (MoELayer.full_state_dict's naming).
   3. Buffers come from rank 0's 'module'; tied names are filled in from 'tied'.
 Values are the fp32 master weights: exact for fp32 and for 16-bit training alike.
-Files are unpickled with weights_only=False (DeepSpeed stores Python objects): trusted input only.
+Files are read with torch.load(weights_only=True), allowing by name only the DeepSpeed objects
+its checkpoints hold (tagmoe_dist/checkpoint/loading.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def is_zero3(tag_dir: PathLike) -> bool:
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    # weights_only, with the DeepSpeed objects its files hold allowed by name (checkpoint/loading.py)
+    from tagmoe_dist.checkpoint import loading
+    return loading.load(path, mmap=True, deepspeed_objects=True)
 
 
 def _files(tag_dir: Path) -> Tuple[Dict[int, Path], Dict[int, Path]]:
