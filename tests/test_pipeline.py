@@ -107,7 +107,9 @@ def _pipeline(rank, world):
     ref_logs = {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()}
     ref_losses = tmm.moe_losses(ref)
     assert set(ref_logs) == {"load_balancing_loss", "z_loss", "align_loss"}
-    assert ref_grads["decoder.layers.3.mlp.alignment_head.tag_embed"].abs().sum() > 0
+    # the alignment head learns (its predictor; the default tag targets are fixed, a buffer)
+    head = {n: g for n, g in ref_grads.items() if "alignment_head." in n}
+    assert head and all(g.abs().sum() > 0 for g in head.values()), sorted(head)
 
     # two stages: layers 1-2 (MoE, MoE) on stage 0, layers 3-4 (dense, MoE) on stage 1
     init_megatron(pp=2)
