@@ -272,3 +272,24 @@ def _side_group(pp_group: dist.ProcessGroup, timeout: timedelta) -> dist.Process
         if tuple(mine) == ranks:
             side = g
     return side
+
+
+class SignatureSlot:
+    """Receives a layer's routing signature: a model-wide `alignment=` for a MoELayer whose host
+    (Megatron, Hugging Face, diffusers) pools the signatures itself. MoELayer calls `add` when
+    it has task labels; the host `take`s it after the layer's forward."""
+
+    def __init__(self):
+        self.value = None
+
+    def add(self, g_BE: torch.Tensor, task_BN: torch.Tensor) -> None:
+        self.value = (g_BE, task_BN)
+
+    def take(self):
+        value, self.value = self.value, None
+        return value
+
+
+def in_backward() -> bool:
+    """Whether this forward runs inside a backward pass (a checkpointed layer's recomputation)."""
+    return torch._C._current_graph_task_id() != -1

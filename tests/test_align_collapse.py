@@ -20,12 +20,8 @@ TINY = dict(SMALL, d_model=16, moe=dict(SMALL["moe"], ffn_hidden_size=16, align_
                                         align_hidden=16))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small tensors: one thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_default_target_is_collapse_safe():

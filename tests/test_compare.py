@@ -17,12 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = Budget(steps=2, batch_size=4, warmup_steps=1, eval_per_task=2, eval_batch_size=8, log_every=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small tensors: one thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tool(name):

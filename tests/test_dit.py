@@ -14,13 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = image_task_schema()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: threads only add contention on a shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small tensors: one thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**kw):

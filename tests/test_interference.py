@@ -16,12 +16,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import interference_study  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small tensors: one thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tasks_conflict_and_the_control_does_not():

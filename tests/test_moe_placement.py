@@ -13,12 +13,8 @@ from tagmoe_dist.models.dit import DiT, DiTConfig
 from tagmoe_dist.models.gpt import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small tensors: one thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpt_cfg(**kw):

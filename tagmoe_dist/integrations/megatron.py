@@ -44,7 +44,7 @@ from tagmoe_dist.gating.task_aware import TaskAlignment
 from tagmoe_dist.integrations import megatron_checkpoint
 from tagmoe_dist.layer import MoELayer
 from tagmoe_dist.parallel import ParallelGroups, hosts
-from tagmoe_dist.task_context import LayerTasks, TaskContext, inject_signature
+from tagmoe_dist.task_context import LayerTasks, SignatureSlot, TaskContext, inject_signature
 from tagmoe_dist.tasks import TaskSchema
 
 
@@ -184,19 +184,6 @@ def moe_layer_pattern(config) -> List[int]:
 # 2. the module
 
 
-class _SignatureSlot:
-    """Receives a layer's routing signature (MoELayer calls `add` when it has task labels)."""
-
-    def __init__(self):
-        self.value = None
-
-    def add(self, g_BE: torch.Tensor, task_BN: torch.Tensor) -> None:
-        self.value = (g_BE, task_BN)
-
-    def take(self):
-        value, self.value = self.value, None
-        return value
-
 
 class _MegatronMoELayer(MoELayer):
     def _attach_aux_loss(self, y, loss):
@@ -246,7 +233,7 @@ class MegatronMoE(nn.Module):
             raise ValueError("router='task_aware' with a virtual (interleaved) pipeline is not "
                              "supported: the alignment loss pools signatures stage by stage")
         self.config, self.groups, self.task_context = config, groups, task_context
-        self._slot = _SignatureSlot()
+        self._slot = SignatureSlot()
         self.moe = _MegatronMoELayer(cfg, groups=groups, task_schema=task_schema,
                                      alignment=self._slot)
         self._tasks = LayerTasks(task_context) if task_context is not None else None

@@ -35,6 +35,7 @@ from tagmoe_dist.gating.losses import AuxLossAutoScaler
 from tagmoe_dist.gating.task_aware import TaskAlignment
 from tagmoe_dist.layer import MoELayer
 from tagmoe_dist.parallel import ParallelGroups
+from tagmoe_dist.task_context import SignatureSlot, in_backward
 from tagmoe_dist.tasks import TaskSchema
 
 
@@ -67,22 +68,6 @@ class TaskState:
             self._stack.pop()
 
 
-class _SignatureSlot:
-    """Receives a layer's routing signature (MoELayer calls `add` when it has task ids)."""
-
-    def __init__(self):
-        self.value = None
-
-    def add(self, g_BE: torch.Tensor, task_BN: torch.Tensor) -> None:
-        self.value = (g_BE, task_BN)
-
-    def take(self):
-        value, self.value = self.value, None
-        return value
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class DiffusersMoE(nn.Module):
@@ -94,7 +79,7 @@ class DiffusersMoE(nn.Module):
     def __init__(self, cfg: MoEConfig, groups: ParallelGroups, schema: Optional[TaskSchema],
                  alignment: Optional[TaskAlignment], state: TaskState, block_index: int):
         super().__init__()
-        self._slot = _SignatureSlot()
+        self._slot = SignatureSlot()
         self.moe = MoELayer(cfg, groups=groups, task_schema=schema,
                             alignment=self._slot if alignment is not None else None)
         self.block_index = block_index
@@ -105,7 +90,7 @@ class DiffusersMoE(nn.Module):
 
     def _task(self):
         """(task ids of this forward, whether it is a checkpoint's recomputation)."""
-        if _in_backward() and self._replay:
+        if in_backward() and self._replay:
             return self._replay.popleft(), True
         task = self._state.task if self.moe.cfg.uses_tasks else None
         if self.training and getattr(self._state.transformer_ref(), "gradient_checkpointing", False):

@@ -42,29 +42,13 @@ from tagmoe_dist.gating.losses import AuxLossAutoScaler
 from tagmoe_dist.gating.task_aware import TaskAlignment
 from tagmoe_dist.layer import MoELayer
 from tagmoe_dist.parallel import ParallelGroups
-from tagmoe_dist.task_context import TaskContext, inject_signature
+from tagmoe_dist.task_context import SignatureSlot, TaskContext, in_backward, inject_signature
 from tagmoe_dist.tasks import TaskSchema
 
 CONTEXT_ATTR = "tagmoe_task_context"
 HEAD_ATTR = "tagmoe_alignment"
 
 
-class _SignatureSlot:
-    """Receives a layer's routing signature (MoELayer calls `add` when it has task labels)."""
-
-    def __init__(self):
-        self.value = None
-
-    def add(self, g_BE: torch.Tensor, task_BN: torch.Tensor) -> None:
-        self.value = (g_BE, task_BN)
-
-    def take(self):
-        value, self.value = self.value, None
-        return value
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class HFMoEBlock(nn.Module):
@@ -74,7 +58,7 @@ class HFMoEBlock(nn.Module):
     def __init__(self, cfg: MoEConfig, groups: ParallelGroups, task_schema: Optional[TaskSchema],
                  context: TaskContext, layer_index: int):
         super().__init__()
-        self._slot = _SignatureSlot()
+        self._slot = SignatureSlot()
         self.moe = MoELayer(cfg, groups=groups, task_schema=task_schema, alignment=self._slot)
         self.layer_index = layer_index
         object.__setattr__(self, "_context", context)          # shared, not a submodule
@@ -91,7 +75,7 @@ class HFMoEBlock(nn.Module):
 
     def _enter(self):
         """(micro-batch of this forward, whether it is a recomputation)."""
-        if _in_backward() and self._replay:
+        if in_backward() and self._replay:
             return self._replay.popleft(), True
         mb = self._context.current
         if mb is not None and self._will_recompute:
