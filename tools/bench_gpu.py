@@ -37,6 +37,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tagmoe_dist.ports import free_port  # noqa: E402
+
 SHAPES = {"mixtral": (4096, 14336, 8, 2), "fine": (2048, 1408, 64, 8), "qwen3": (2048, 768, 128, 8)}
 SMOKE_SHAPES = {"mixtral": (64, 32, 8, 2), "fine": (64, 16, 16, 4), "qwen3": (32, 16, 32, 4)}
 IMPLS = ("tagmoe", "megatron", "autoep", "hf", "hf-grouped_mm")
@@ -221,13 +223,6 @@ def table(results, shapes) -> str:
     return "\n".join(lines)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -253,7 +248,7 @@ def main() -> int:
     shapes = {k: shapes[k] for k in a.shapes}
     # Megatron's parallel_state and DeepSpeed's groups need a (one-rank) process group
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))   # one process
+    os.environ.setdefault("MASTER_PORT", str(free_port()))   # one process
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

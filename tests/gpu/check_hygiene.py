@@ -28,6 +28,7 @@ import torch.distributed as dist  # noqa: E402
 
 import tagmoe_dist as tm  # noqa: E402
 from tests.test_device_hygiene import SCHEMA, HygieneMode, SyncMode, _BackwardUnder  # noqa: E402
+from tagmoe_dist.ports import free_port  # noqa: E402
 
 
 def check(device, world) -> dict:
@@ -65,13 +66,6 @@ def check(device, world) -> dict:
             "cuda_sync_warnings": cuda_syncs, "allowed": allowed}
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU (no CUDA sync mode)")
@@ -88,7 +82,7 @@ def main() -> int:
         torch.cuda.set_device(device)
         backend = "nccl"
     if "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5))
     try:
         res = check(device, world)

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import tagmoe_dist as tm  # noqa: E402
+from tagmoe_dist.ports import free_port  # noqa: E402
 
 SCHEMA = tm.TaskSchema.from_dict({"levels": {"scope": ["local", "global"],
                                              "type": {"values": ["a", "b", "c"], "multi": True}}})
@@ -118,13 +119,6 @@ def run_case(c, groups, device, rank, world, shape):
             "ok": errs[worst] <= LIMITS[c["dtype"]]}
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, two cases, tiny shapes")
@@ -144,7 +138,7 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     if "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5),
                             device_id=device if backend == "nccl" else None)
     groups = tm.ParallelGroups.build(ep_size=world) if world > 1 else tm.ParallelGroups.single()
