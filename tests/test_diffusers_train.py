@@ -160,7 +160,9 @@ def test_full_size_config_is_the_papers():
     moe = moe_config_for(3072, 12288, cfg.moe, 10, True)
     assert (moe.num_experts, moe.top_k, moe.activation, moe.expert_mlp_bias, moe.norm_topk_prob,
             moe.score_function, moe.capacity_factor) == (4, 1, "gelu", True, False, "softmax", None)
-    assert moe.aux_loss_coeff * 10 == pytest.approx(0.01) and moe.align_dim == 512
+    # MegaBlocks' 0.01, averaged over the 10 MoE blocks by aux_loss_reduction="mean"
+    assert moe.aux_loss_coeff == pytest.approx(0.01) and moe.aux_loss_reduction == "mean"
+    assert moe.align_dim == 512
     assert cfg.diffusers["dtype"] == "bfloat16" and cfg.train["ep_size"] == 4
 
 

@@ -5,6 +5,8 @@ to EP=1, and the alignment head goes to a side file; bad input is refused before
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import subprocess
 import sys
@@ -43,6 +45,23 @@ def _trained_model(ckpt):
     return model.eval()
 
 
+@contextlib.contextmanager
+def _stable_topk():
+    """torch.topk with exact ties broken towards the lower index, as tagmoe routes them. The
+    exported weights are what is checked here; which tied expert torch.topk picks is its own
+    unspecified order (the exporter warns about tied router rows: test below)."""
+    real = torch.topk
+
+    def topk(x, k, dim=-1, largest=True, sorted=True):
+        v, i = torch.sort(x, dim=dim, descending=largest, stable=True)
+        return torch.return_types.topk((v.narrow(dim, 0, k), i.narrow(dim, 0, k)))
+    torch.topk = topk
+    try:
+        yield
+    finally:
+        torch.topk = real
+
+
 def _check_export(ckpt, out, family, tol=REL_FP32):
     from transformers import AutoModelForCausalLM
     exported, loading = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
@@ -50,7 +69,7 @@ def _check_export(ckpt, out, family, tol=REL_FP32):
     assert not any(loading.values()), loading          # no missing / unexpected / mismatched key
     model = _trained_model(ckpt).float()
     ids_BS = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
+    with torch.no_grad(), _stable_topk():
         want = model(ids_BS).logits
         got = exported.float().eval()(ids_BS).logits
     assert rel_diff(got, want) <= tol, family
@@ -133,6 +152,12 @@ def test_export_each_family(root, family):
     assert r.returncode == 0, r.stderr[-3000:]
     _check_export(ckpt, out, family)
     assert not (root / f"export_{family}.tagmoe_alignment.safetensors").exists()
+    # fine-grained upcycling (qwen2: granularity 2) copies router rows; rows that training left
+    # exactly equal are reported, since transformers' tie order is not ours
+    from tagmoe_dist.checkpoint import consolidate
+    from tagmoe_dist.integrations.hf.export import tied_router_rows
+    tied = [tied_router_rows(v) for k, v in consolidate(ckpt).items() if k.endswith("router.weight")]
+    assert ("identical router rows" in r.stderr) == any(tied), (tied, r.stderr[-2000:])
 
 
 def test_export_bf16_upcycled_llama(root):

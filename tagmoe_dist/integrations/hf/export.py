@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -41,6 +42,25 @@ _MOE_KEY = re.compile(r"^(?P<pre>.*layers\.(?P<i>\d+)\.)mlp\.moe\.(?P<rest>.+)$"
 
 def side_file(out: Path) -> Path:
     return out.parent / f"{out.name}.tagmoe_alignment.safetensors"
+
+
+def tied_router_rows(w_ED: torch.Tensor) -> List[List[int]]:
+    """Groups of experts whose router rows are exactly equal (fine-grained upcycling copies a
+    dense expert's row to each of its segments; rows an optimizer never separated stay equal)."""
+    groups: Dict[bytes, List[int]] = {}
+    for e, row in enumerate(w_ED.detach().float().contiguous()):
+        groups.setdefault(row.numpy().tobytes(), []).append(e)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _warn_tied_router_rows(prefix: str, w_ED: torch.Tensor) -> None:
+    tied = tied_router_rows(w_ED)
+    if tied:
+        print(f"warning: {prefix}router: experts {tied} have identical router rows, so their scores "
+              "tie exactly for every token. tagmoe routes a tie to the lower expert id; "
+              "transformers' torch.topk does not specify which it picks, so tokens whose k-th and "
+              "(k+1)-th choices are tied may reach another segment in the export (docs/hf.md, "
+              "'Exact ties').", file=sys.stderr)
 
 
 def blocking_option(cfg: MoEConfig, target: str) -> Optional[str]:
@@ -165,6 +185,7 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
         m = _MOE_KEY.match(name)
         if m and m["rest"] == "router.weight":
             moe_prefixes.append(m["pre"])
+            _warn_tied_router_rows(m["pre"], t)
         if m and m["rest"].startswith("router.") and m["rest"] != "router.weight":
             continue                                  # routing statistics buffers
         plain[_rename(name, target)] = (key, t)
