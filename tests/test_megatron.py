@@ -15,7 +15,7 @@ import torch.nn.functional as F
 pytest.importorskip("megatron.core")
 
 import tagmoe_dist as tm  # noqa: E402
-from tagmoe_dist.task_context import LayerTasks, TaskContext  # noqa: E402
+from tagmoe_dist.task_context import LayerTasks, SignatureSlot, TaskContext  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
 from tests.tolerance import REL_FP32, assert_rel_close, assert_dict_rel_close, assert_exact  # noqa: E402
 
@@ -406,7 +406,7 @@ def _inside_tp2_ep2(rank, world):
     out = run_model(model, ctx, b)                        # logits are vocab-parallel
     (out * b["cot"].chunk(2, dim=-1)[rank % 2]).sum().backward()
     # the model-wide alignment lives outside the layer, as in the Megatron module
-    plain = tm.MoELayer(mlp.cfg, task_schema=SCHEMA, alignment=tmm._SignatureSlot())
+    plain = tm.MoELayer(mlp.cfg, task_schema=SCHEMA, alignment=SignatureSlot())
     plain.load_full_state_dict(mlp.moe.full_state_dict())
     with torch.no_grad():
         assert_rel_close(plain(seen["x"], task=b["task"]), seen["y"].detach(), REL_FP32)
