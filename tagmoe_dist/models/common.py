@@ -19,6 +19,17 @@ ARCHS = ("moe", "dense")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+
+def load_task_schema(path: Optional[str]) -> Optional[TaskSchema]:
+    """A model YAML's `task_schema:` path (relative: to the working directory, then the repo
+    root), loaded; None when the model has none."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = _REPO_ROOT / p
+    return TaskSchema.from_yaml(p)
+
 class ModelConfigMixin:
     """The YAML-facing half shared by the reference models' frozen config dataclasses: the
     embedded `moe` mapping (an MoEConfig without hidden_size = d_model), `arch` / `moe_every` /
@@ -84,12 +95,7 @@ class ModelConfigMixin:
         return m.top_k * m.ffn_hidden_size + m.shared_ffn_size
 
     def load_task_schema(self) -> Optional[TaskSchema]:
-        if self.task_schema is None:
-            return None
-        path = Path(self.task_schema)
-        if not path.is_absolute() and not path.exists():
-            path = _REPO_ROOT / path
-        return TaskSchema.from_yaml(path)
+        return load_task_schema(self.task_schema)
 
     # ------------------------------------------------------------------ dict / YAML
     def to_dict(self) -> dict:

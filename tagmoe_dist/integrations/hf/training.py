@@ -27,9 +27,9 @@ import yaml
 
 from tagmoe_dist.integrations.hf import convert, families
 from tagmoe_dist.integrations.hf.block import tasks
+from tagmoe_dist.models.common import load_task_schema
 from tagmoe_dist.tasks import TaskSchema
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def is_hf_yaml(path) -> bool:
@@ -88,12 +88,7 @@ class HFModelConfig:
         return d
 
     def load_task_schema(self) -> Optional[TaskSchema]:
-        if self.task_schema is None:
-            return None
-        path = Path(self.task_schema)
-        if not path.is_absolute() and not path.exists():
-            path = _REPO_ROOT / path
-        return TaskSchema.from_yaml(path)
+        return load_task_schema(self.task_schema)
 
     # ------------------------------------------------------------------ data
     def tokenizer_dir(self, train: Dict[str, Any]) -> str:
