@@ -1,4 +1,4 @@
-"""python -m tagmoe_dist.dispatch: build the native EP = 1 CPU kernel now and say which kernel runs."""
+"""python -m tagmoe_dist.dispatch: build the native CPU expert kernel now and say which kernel runs."""
 
 from tagmoe_dist.kernels.native import main
 

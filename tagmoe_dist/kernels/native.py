@@ -327,7 +327,7 @@ def main() -> int:
     t0 = time.perf_counter()
     lib = library()
     if lib is None:
-        print(f"EP=1 CPU expert kernel: {status()}")
+        print(f"CPU expert kernel (expert_kernel=\"auto\", every EP size): {status()}")
         return 1
-    print(f"EP=1 CPU expert kernel: native, {_origin} (ready in {time.perf_counter() - t0:.1f} s)")
+    print(f"CPU expert kernel (expert_kernel=\"auto\", every EP size): native, {_origin} (ready in {time.perf_counter() - t0:.1f} s)")
     return 0
