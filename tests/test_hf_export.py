@@ -90,11 +90,13 @@ def root(tmp_path_factory):
     return root
 
 
-def _trained(root, family, nproc, *extra, ds="zero2", upcycle=None, router="task_aware"):
-    src = H.make_user_dir(family, root / family, seed=3)
-    yaml_path = H.write_yaml(root / f"{family}.yaml", src, root / "chat.jsonl", router=router,
+def _trained(root, family, nproc, *extra, ds="zero2", upcycle=None, router="task_aware",
+             name=None):
+    name = name or family
+    src = H.make_user_dir(family, root / name, seed=3)
+    yaml_path = H.write_yaml(root / f"{name}.yaml", src, root / "chat.jsonl", router=router,
                              upcycle=upcycle if upcycle is not None else H.UPCYCLE.get(family))
-    log_dir = root / f"run_{family}"
+    log_dir = root / f"run_{name}"
     r = _run(yaml_path, ds, log_dir, 3, "--set", f"ep_size={nproc}", *extra, nproc=nproc)
     assert r.returncode == 0, r.stderr[-4000:]
     return log_dir / "checkpoints"
@@ -142,6 +144,38 @@ def test_export_from_ep2_and_resharded_checkpoint(root):
     assert r.returncode == 1 and "already exists; pass --force" in r.stderr
     assert sorted(p.name for p in out.iterdir()) == before
     assert _export(ckpt, out, "--force").returncode == 0
+
+
+def test_export_from_zero3_checkpoint(root):
+    """ZeRO-3 (configs/deepspeed/zero3.json, EP=2 on 2 processes) writes partitions, not the main
+    and expert files: the export gathers them, loads as Mixtral with the trained model's logits,
+    and equals, tensor for tensor, the export of the same weights laid out as ZeRO 0-2 files."""
+    ckpt = _trained(root, "mixtral", 2, ds="zero3", name="mixtral_zero3")
+    from tagmoe_dist.checkpoint import resolve_tag, zero3
+    assert zero3.is_zero3(resolve_tag(ckpt, None))
+    out = root / "export_zero3"
+    r = _export(ckpt, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = _check_export(ckpt, out, "mixtral")
+    assert meta["checkpoint"]["zero_stage"] == 3 and meta["checkpoint"]["step"] == 3
+    assert (root / "export_zero3.tagmoe_alignment.safetensors").is_file()
+    # the same weights as ZeRO 0-2 files (what reshard writes from ZeRO-3): the same export
+    as_zero2 = root / "zero3_as_zero2" / "checkpoints"
+    tag = resolve_tag(ckpt, None).name
+    zero3.write_zero2_weights(resolve_tag(ckpt, None), as_zero2 / tag)
+    (as_zero2 / "latest").write_text(tag)
+    for f in ("model_config.yaml", "task_schema.yaml"):
+        if (ckpt / f).is_file():
+            (as_zero2 / f).write_bytes((ckpt / f).read_bytes())
+    out2 = root / "export_zero3_as_zero2"
+    r = _export(as_zero2, out2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+    a = load_file(str(out / "model-00001-of-00001.safetensors"))
+    b = load_file(str(out2 / "model-00001-of-00001.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out2 / "tagmoe_metadata.json").read_text())["checkpoint"]["zero_stage"] \
+        == "0-2"
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "qwen2", "mistral"])

@@ -79,6 +79,19 @@ def _ep_size(meta: List[dict]) -> Optional[int]:
     return sizes.pop() if sizes else None
 
 
+def rank0_model_state(tag_dir: PathLike) -> dict:
+    """Rank 0's model-states file (memory-mapped): step counters, buffers, parameter placeholders."""
+    return _load(Path(tag_dir) / _MODEL.format(0))
+
+
+def trained_dtype(model_state: dict) -> Optional[torch.dtype]:
+    """The dtype the engine trained in: that of the parameter placeholders in 'module' (the
+    optimizer's masters are fp32 whatever it was), None if it holds no floating tensor."""
+    buffers = set(model_state.get("buffer_names") or [])
+    return next((t.dtype for k, t in (model_state.get("module") or {}).items()
+                 if k not in buffers and torch.is_tensor(t) and t.is_floating_point()), None)
+
+
 def saved_layout(tag_dir: PathLike) -> Dict[str, Optional[int]]:
     """{'world_size', 'ep_size'} of a ZeRO-3 checkpoint (reads rank 0's files, memory-mapped)."""
     tag_dir = Path(tag_dir)

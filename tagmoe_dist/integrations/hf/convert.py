@@ -4,7 +4,9 @@ by `MoELayer`s holding this rank's experts. Attention, norms, rotary embeddings,
 
   1. Check the input (directory, config.json, model_type, upcycle=, moe= overrides, EP size, task
      schema) before anything is loaded.
-  2. Load the source with transformers (local files only).
+  2. Build the source's architecture on the meta device and stream its safetensors files
+     (streaming.py): no rank reads another rank's experts. Sources the streamer cannot read
+     (no safetensors, unknown names) are loaded whole by transformers, with a warning.
   3. Per decoder layer whose `mlp` is the family's sparse block (or dense MLP): build the MoE
      layer, load the source's weights (this rank's experts only), swap it in, free the old one.
   4. task_aware: add the alignment head (train-only) and its hook on the final norm.
@@ -21,7 +23,7 @@ import torch.nn as nn
 
 from tagmoe_dist.config import MoEConfig
 from tagmoe_dist.gating.task_aware import TaskAlignment
-from tagmoe_dist.integrations.hf import families
+from tagmoe_dist.integrations.hf import families, streaming
 from tagmoe_dist.integrations.hf.block import (CONTEXT_ATTR, HEAD_ATTR, AlignmentHook,
                                                HFMoEBlock)
 from tagmoe_dist.layer import MoELayer, register_moe_layers
@@ -92,6 +94,86 @@ def _load_source(src, dtype):
         str(Path(src).resolve())
 
 
+def _reader(src, model_type: str, hf_config, dtype) -> Optional[streaming.SafetensorsReader]:
+    """The streaming reader of a directory source whose layout is known; None: load it whole."""
+    from transformers import PreTrainedModel
+    if isinstance(src, PreTrainedModel):
+        return None                      # already built by the caller
+    reader = streaming.SafetensorsReader.open(Path(src))
+    if reader is None:
+        streaming.warn_whole(Path(src), "no safetensors weights")
+        return None
+    model = streaming.skeleton(hf_config, dtype)
+    layers = decoder_layers(model)
+    wanted = families.replaced_class(model_type)
+    for i, pre in enumerate(streaming.layer_prefixes(model, layers)):
+        if type(layers[i].mlp).__name__ != wanted:
+            continue
+        if families.is_dense(model_type):
+            ok = all(f"{pre}mlp.{k}" in reader for k in layers[i].mlp.state_dict())
+        else:
+            ok = streaming.expert_state(_NameProbe(reader), pre, model_type, [0], dtype) is not None
+        if not ok:
+            streaming.warn_whole(Path(src), f"layer {i}'s MLP tensors have names this loader "
+                                 "does not know")
+            return None
+    missing = streaming.missing_from(reader, _without_blocks(model, layers, wanted))
+    if missing:
+        streaming.warn_whole(Path(src), f"{missing[:3]} are not in its safetensors files")
+        return None
+    return reader
+
+
+class _NameProbe:
+    """A reader that answers membership and returns empty tensors: checks names, reads nothing."""
+
+    def __init__(self, reader):
+        self._reader = reader
+
+    def __contains__(self, name):
+        return name in self._reader
+
+    def get(self, name, dtype):
+        return torch.empty(0, 0, dtype=dtype)
+
+    def get_rows(self, name, start, stop, dtype):
+        return torch.empty(0, 0, 0, dtype=dtype)
+
+
+def _without_blocks(model: nn.Module, layers: nn.ModuleList, wanted: str) -> nn.Module:
+    for layer in layers:
+        if type(layer.mlp).__name__ == wanted:
+            layer.mlp = nn.Identity()
+    return model
+
+
+def _stream_block(block: HFMoEBlock, old_meta: nn.Module, reader, prefix: str, model_type: str,
+                  index: int, up, router_std: float, dtype: torch.dtype) -> None:
+    layer: MoELayer = block.moe
+    ids = layer.experts.global_ids
+    if up is not None:
+        mlp = streaming.dense_mlp(reader, prefix, old_meta, dtype)
+        sd = families.upcycled_state(mlp, index, up, ids, router_std)
+    else:
+        sd = streaming.expert_state(reader, prefix, model_type, ids, dtype)
+    block.to(dtype=dtype)
+    full = dict(layer.state_dict())
+    unknown = sorted(set(sd) - set(full))
+    assert not unknown, unknown
+    full.update({k: v.to(full[k].dtype) for k, v in sd.items()})
+    layer.load_state_dict(full)
+
+
+def _finish_streamed(model: nn.Module, src: Path) -> None:
+    """What transformers' from_pretrained also does: generation config, name, eval mode."""
+    from transformers import GenerationConfig
+    if (src / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(src),
+                                                                   local_files_only=True)
+    model.config._name_or_path = str(src)
+    model.eval()
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(model.base_model, "layers", None)
     if layers is None:
@@ -134,20 +216,29 @@ def from_pretrained(src, moe: Optional[Mapping[str, Any]] = None,
                          "path, e.g. configs/tasks/text_tasks.yaml)")
     up = families.UpcycleSpec.from_dict(upcycle) if families.is_dense(model_type) else None
 
-    # 2-3. load, then swap the blocks one layer at a time
-    model, src_dir = _load_source(src, dtype)
+    # 2-3. load (streamed: this rank's experts only), then swap the blocks one layer at a time
     context = TaskContext(groups)
     wanted = families.replaced_class(model_type)
     router_std = float(getattr(hf_config, "initializer_range", 0.02))
+    reader = _reader(src, model_type, hf_config, dtype)
+    if reader is not None:
+        model, src_dir = streaming.skeleton(hf_config, dtype), str(Path(src).resolve())
+    else:
+        model, src_dir = _load_source(src, dtype)
+    layers = decoder_layers(model)
+    prefixes = streaming.layer_prefixes(model, layers)
     converted: List[int] = []
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(layers):
         old = layer.mlp
         if type(old).__name__ != wanted:
             continue
         block = HFMoEBlock(cfg, groups, task_schema if cfg.uses_tasks else None, context, i)
-        _load_block(block, old, model_type, i, up, router_std)
-        param = next(old.parameters())
-        block.to(dtype=param.dtype, device=param.device)
+        if reader is None:
+            _load_block(block, old, model_type, i, up, router_std)
+            param = next(old.parameters())
+            block.to(dtype=param.dtype, device=param.device)
+        else:
+            _stream_block(block, old, reader, prefixes[i], model_type, i, up, router_std, dtype)
         layer.mlp = block
         layer.register_forward_pre_hook(block.decoder_pre_hook, with_kwargs=True)
         converted.append(i)
@@ -155,6 +246,9 @@ def from_pretrained(src, moe: Optional[Mapping[str, Any]] = None,
     if not converted:
         raise ValueError(f"from_pretrained: no {wanted} found in the decoder layers of "
                          f"{type(model).__name__}; was the model already converted?")
+    if reader is not None:
+        streaming.fill_rest(reader, model, hf_config, dtype)
+        _finish_streamed(model, Path(src))
     # 4. the alignment head: train-only, fed by every layer, closed at the final norm
     hook = None
     if cfg.router == "task_aware":
@@ -168,7 +262,8 @@ def from_pretrained(src, moe: Optional[Mapping[str, Any]] = None,
         "source": src_dir, "model_type": model_type, "moe": cfg.to_dict(),
         "upcycle": None if up is None else up.to_dict(), "moe_layers": converted,
         "task_schema": None if task_schema is None else task_schema.to_dict(),
-        "alignment_hook": hook})
+        "alignment_hook": hook, "streamed": reader is not None,
+        "source_bytes_read": None if reader is None else reader.bytes_read})
     register_moe_layers(model)          # aux_loss_reduction="mean": averaged over the MoE layers
     return model
 

@@ -9,7 +9,9 @@ as the source family (dense Llama / Mistral become Mixtral, Qwen2 becomes Qwen2-
      and the MoE config; open the shards (upcycle.hf.ShardedWriter).
   3. Stream: non-expert tensors one by one from the mapped main file, then one expert file at a
      time (`layer_<L>_expert_<e>_...`, named by global expert id, so any EP size and resharded
-     checkpoints read the same), split into the family's per-expert classic names.
+     checkpoints read the same), split into the family's per-expert classic names. A ZeRO-3
+     checkpoint is gathered whole first (checkpoint/zero3.consolidate) and written in the dtype
+     it was trained in.
   4. config.json, the source's tokenizer / generation files, tagmoe_metadata.json; the alignment
      head (W_tag, predictor: train-only) goes to `<out>.tagmoe_alignment.safetensors` beside the
      directory. Written in a temporary directory, renamed onto --out (--force to replace).
@@ -143,7 +145,7 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
     """Write the Hugging Face directory `out` from a checkpoint of an `hf:` run (module doc)."""
     from safetensors.torch import save_file
 
-    from tagmoe_dist.checkpoint import MAIN_FILE, resolve_tag
+    from tagmoe_dist.checkpoint import resolve_tag
     from tagmoe_dist.checkpoint.atomic import replace_dir
     from tagmoe_dist.paths import check_output_dir
     from tagmoe_dist.upcycle.hf import DTYPE_CODES, ShardedWriter, TensorSpec, copy_side_files, \
@@ -172,8 +174,8 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
                          "Export with --format tagmoe instead")
     tag_dir = resolve_tag(ckpt, tag)
     # 2. plan
-    state = loading.load(tag_dir / MAIN_FILE, mmap=True, deepspeed_objects=True)
-    module = state["module"]
+    source = _Source.open(tag_dir, cfg.num_experts)
+    module = source.module
     plain: Dict[str, Tuple[str, torch.Tensor]] = {}
     head: Dict[str, torch.Tensor] = {}
     moe_prefixes: List[str] = []
@@ -189,7 +191,7 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
         if m and m["rest"].startswith("router.") and m["rest"] != "router.weight":
             continue                                  # routing statistics buffers
         plain[_rename(name, target)] = (key, t)
-    dtype = next(t for _, t in plain.values() if t.is_floating_point()).dtype
+    dtype = source.dtype or next(t for _, t in plain.values() if t.is_floating_point()).dtype
     D, F = cfg.hidden_size, cfg.ffn_hidden_size
     specs = []
     for name, (_, t) in plain.items():
@@ -216,7 +218,7 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
                       TensorSpec(f"{b}shared_expert.up_proj.weight", (0, D), code),
                       TensorSpec(f"{b}shared_expert.down_proj.weight", (D, 0), code),
                       TensorSpec(f"{b}shared_expert_gate.weight", (1, D), code)]
-    expert_files = _expert_files(tag_dir, len(moe_prefixes), cfg.num_experts)
+    source.check_experts(moe_prefixes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -228,17 +230,17 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
                 if name.endswith("shared_expert.mlp.w1"):
                     base = name.rsplit("mlp.w", 1)[0]
                     S = cfg.shared_ffn_size
-                    writer.write(f"{base}gate_proj.weight", t[:, :S].t().contiguous())
-                    writer.write(f"{base}up_proj.weight", t[:, S:].t().contiguous())
+                    writer.write(f"{base}gate_proj.weight", t[:, :S].t().contiguous().to(dtype))
+                    writer.write(f"{base}up_proj.weight", t[:, S:].t().contiguous().to(dtype))
                 elif name.endswith("shared_expert.mlp.w2"):
-                    writer.write(f"{name.rsplit('mlp.w', 1)[0]}down_proj.weight", t.t().contiguous())
+                    writer.write(f"{name.rsplit('mlp.w', 1)[0]}down_proj.weight",
+                                 t.t().contiguous().to(dtype))
                 else:
-                    writer.write(name, t.contiguous())
+                    writer.write(name, t.contiguous().to(dtype) if t.is_floating_point()
+                                 else t.contiguous())
             for layer, pre in enumerate(moe_prefixes):
                 for e in range(cfg.num_experts):
-                    sd = torch.load(expert_files[layer][e], map_location="cpu", weights_only=True)
-                    w1 = next(v for k, v in sd.items() if k.endswith(f".{e}.w1"))
-                    w2 = next(v for k, v in sd.items() if k.endswith(f".{e}.w2"))
+                    w1, w2 = source.expert(layer, pre, e)
                     g, u, d = _expert_names(target, pre, e)
                     writer.write(g, w1[:, :F].t().contiguous().to(dtype))
                     writer.write(u, w1[:, F:].t().contiguous().to(dtype))
@@ -267,7 +269,7 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
                 "target": {"model_type": conf["model_type"],
                            "architectures": conf.get("architectures")},
                 "checkpoint": {"dir": str(ckpt.resolve()), "tag": tag_dir.name,
-                               "step": int(state.get("step", state.get("global_steps", 0)) or 0)},
+                               "zero_stage": 3 if source.zero3 else "0-2", "step": source.step},
                 "moe": cfg.to_dict(), "upcycle": hcfg.upcycle and dict(hcfg.upcycle),
                 "task_schema": hcfg.task_schema, "side_files": side,
                 "dropped": {"alignment_head": sorted(head),
@@ -289,6 +291,59 @@ def export_hf(ckpt_dir, out, tag: Optional[str] = None, force: bool = False) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+class _Source:
+    """The trained weights of one checkpoint tag, whatever the ZeRO stage wrote.
+
+    ZeRO 0-2: `module` is the main file memory-mapped (the run's dtype), experts are read one
+    file at a time. ZeRO-3: the partitions are gathered once (checkpoint/zero3.consolidate, fp32
+    masters, the whole model in memory) and written in the dtype the engine trained in."""
+
+    def __init__(self, module, step: int, dtype=None, stacked=None, tag_dir=None,
+                 num_experts: int = 0):
+        self.module, self.step, self.dtype = module, step, dtype
+        self.zero3 = stacked is not None
+        self._stacked, self._tag_dir, self._num_experts = stacked, tag_dir, num_experts
+        self._files: Dict[int, Dict[int, Path]] = {}
+
+    @classmethod
+    def open(cls, tag_dir: Path, num_experts: int) -> "_Source":
+        from tagmoe_dist.checkpoint import MAIN_FILE, zero3
+        if zero3.is_zero3(tag_dir):
+            sd = zero3.consolidate(tag_dir)
+            names = set(zero3.expert_names(tag_dir))
+            stacked = {k: sd.pop(k) for k in list(sd) if k in names}
+            first = zero3.rank0_model_state(tag_dir)
+            return cls(sd, int(first.get("global_steps") or 0), zero3.trained_dtype(first),
+                       stacked=stacked)
+        if not (tag_dir / MAIN_FILE).is_file():
+            raise FileNotFoundError(f"{tag_dir / MAIN_FILE} not found: is {tag_dir} a DeepSpeed "
+                                    "checkpoint of python -m tagmoe_dist.train?")
+        state = loading.load(tag_dir / MAIN_FILE, mmap=True, deepspeed_objects=True)
+        return cls(state["module"], int(state.get("step", state.get("global_steps", 0)) or 0),
+                   tag_dir=tag_dir, num_experts=num_experts)
+
+    def check_experts(self, moe_prefixes: List[str]) -> None:
+        """Refuse an incomplete checkpoint before anything is written."""
+        if not self.zero3:
+            self._files = _expert_files(self._tag_dir, len(moe_prefixes), self._num_experts)
+            return
+        for pre in moe_prefixes:
+            for w in ("w1", "w2"):
+                key = f"{_PREFIX}{pre}mlp.moe.experts.{w}"
+                if key not in self._stacked:
+                    raise ValueError(f"ZeRO-3 checkpoint: expert weight {key} is not among its "
+                                     f"expert sub-groups ({sorted(self._stacked)[:4]}...)")
+
+    def expert(self, layer: int, pre: str, e: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(w1 [D, 2F], w2 [F, D]) of expert e of the layer-th MoE layer (prefix `pre`)."""
+        if self.zero3:
+            return tuple(self._stacked[f"{_PREFIX}{pre}mlp.moe.experts.{w}"][e]
+                         for w in ("w1", "w2"))
+        sd = loading.load(self._files[layer][e])
+        return (next(v for k, v in sd.items() if k.endswith(f".{e}.w1")),
+                next(v for k, v in sd.items() if k.endswith(f".{e}.w2")))
 
 
 def _expert_files(tag_dir: Path, num_layers: int, num_experts: int) -> Dict[int, Dict[int, Path]]:

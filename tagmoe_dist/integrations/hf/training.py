@@ -50,7 +50,8 @@ class HFModelConfig:
 
     is_dense = False          # the trainer's flag: this model always has MoE layers
     # ZeRO-3: from_pretrained cannot run under deepspeed.zero.Init (its tensor-constructor
-    # patch breaks transformers); the engine partitions the built model (integrations/zero3.py)
+    # patch breaks transformers); the engine partitions the built model (integrations/zero3.py).
+    # The build itself reads only this rank's experts (integrations/hf/streaming.py).
     zero3_init = False
 
     def __post_init__(self):
