@@ -128,13 +128,15 @@ def train_steps(engine, schema, rank, start, stop):
 def _equality_worker(rank, world, ep_size, out_dir, with_checkpoint):
     from tagmoe_dist.integrations import zero3
     deepspeed.init_distributed(dist_backend="gloo")
-    out = {"losses": {}, "bytes": {}, "numel": {}}
+    out = {"losses": {}, "bytes": {}, "numel": {}, "num_params": {}}
     for router in ("topk", "task_aware"):
         cfg = gpt_config(router)
         for stage in (2, 3):
             engine, model, schema = build_engine(cfg, stage, ep_size)
             losses = train_steps(engine, schema, rank, 0, STEPS)
             out["losses"][f"{router}/zero{stage}"] = losses
+            out["num_params"][f"{router}/zero{stage}"] = [model.num_params(),
+                                                          model.num_params(active_only=True)]
             if stage == 3:
                 import torch.distributed as dist
                 out["at_build"] = model.partitioned_at_build
@@ -217,6 +219,8 @@ def test_losses_equal_zero2_ep2_edp2(run4, router):
 
 # ---------------------------------------------------------------------------- b. memory
 def _check_bytes(res, world):
+    for router in ("topk", "task_aware"):     # the model's own count reads partitioned parameters
+        assert res["num_params"][f"{router}/zero3"] == res["num_params"][f"{router}/zero2"], router
     for router in ("topk", "task_aware"):
         got, numel = res["bytes"][router], res["numel"][router]
         for kind, size in (("dense", res["dp"]), ("expert", res["edp"])):

@@ -195,5 +195,7 @@ class MoEModelMixin:
         for p in self.parameters():         # nn.Module.parameters() yields tied weights once
             if active_only and id(p) in routing:
                 continue
-            total += p.numel() * expert_share.get(id(p), 1.0)
+            # ZeRO-3 leaves a partitioned parameter empty; ds_numel is its whole size
+            numel = getattr(p, "ds_numel", None) or p.numel()
+            total += numel * expert_share.get(id(p), 1.0)
         return int(round(total))
