@@ -7,6 +7,9 @@ that metadata names exactly three tensors per layer, `<prefix>.w1`, `.w2`, `.w3`
 SwiGLU layout: gate, down, up). This script, on 4 gloo processes (EP=2 x expert-data-parallel 2),
 trains a tiny tagmoe_dist GPT for one step under ZeRO-3 with expert partitions, saves it, and:
 
+  0. first, for reference, does the same with DeepSpeed's own AutoEP (a tiny Hugging Face Mixtral,
+     the same engine and the same EP=2 x EDP=2 placement): ds_to_universal converts it, and every
+     expert tensor equals the experts gathered from the live engine;
   1. runs ds_to_universal on the checkpoint as saved: it finishes, but each expert tensor is the
      concatenation of the four ranks' partitions in data-parallel rank order
      (ep0-part0, ep1-part0, ep0-part1, ep1-part1), flattened: not the experts in order;
@@ -54,6 +57,47 @@ def _worker(rank, world, out):
                            client_state=autoep_layers(model, layers))
 
 
+def _autoep_worker(rank, world, out):
+    """DeepSpeed's own AutoEP on a tiny Mixtral, the same engine and placement (ZeRO-3, EP=2 x
+    EDP=2): one step, save, and the whole expert tensors as the reference."""
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_hf import _patch_autoep_registry_get
+    _patch_autoep_registry_get()          # transformers 5.25 vs AutoEP's registry lookup
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(f"{out}/mixtral", dtype=torch.float32)
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 3}, "steps_per_print": 10 ** 9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+           "expert_parallel": {"enabled": True, "autoep_size": 2, "preset_model": "mixtral"}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    ids_BS = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(rank))
+    engine.backward(engine(input_ids=ids_BS, labels=ids_BS).loss)
+    engine.step()
+    engine.save_checkpoint(f"{out}/autoep", tag="t")
+    truth = {}
+    for name, module in engine.module.named_modules():
+        if type(module).__name__ != "AutoEPMoELayer":
+            continue
+        for w in ("w1", "w2", "w3"):
+            p = getattr(module.experts, w)
+            with deepspeed.zero.GatheredParameters([p]):        # this EP rank's share, whole
+                share = p.detach().clone()
+            parts = [torch.empty_like(share) for _ in range(module.ep_size)]
+            dist.all_gather(parts, share, group=module.ep_group)
+            truth[f"{name}.experts.{w}"] = torch.cat(parts)
+    if rank == 0:
+        torch.save(truth, f"{out}/autoep_truth.pt")
+
+
+def _universal(folder, name):
+    got = torch.load(Path(folder) / "zero" / name / "fp32.pt", weights_only=False)
+    return got["param"] if isinstance(got, dict) else got
+
+
 def _convert(src, dst):
     import argparse as ap
     from deepspeed.checkpoint.ds_to_universal import main
@@ -68,15 +112,23 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="uc_repro_"))
     from tests.dist_utils import run_distributed
+    from tests import hf_models as H
+    H.save("mixtral", work / "mixtral")
+    run_distributed(_autoep_worker, 4, str(work))
     run_distributed(_worker, 4, str(work))
+    truth_autoep = torch.load(work / "autoep_truth.pt", weights_only=True)
+    _convert(work / "autoep" / "t", work / "uc_autoep")
+    same = {k: torch.equal(_universal(work / "uc_autoep", k), v) for k, v in truth_autoep.items()}
+    print(f"\n0. AutoEP's own layer (tiny Mixtral, same engine and placement): ds_to_universal "
+          f"gives {len(same)} expert tensors, all equal to the gathered experts: "
+          f"{all(same.values())}")
     from tagmoe_dist.checkpoint.zero3 import consolidate, to_universal
     name = "blocks.0.ffn.experts.w1"
     truth = consolidate(work / "plain" / "t")[name]
 
     _convert(work / "plain" / "t", work / "uc_plain")
-    got = torch.load(work / "uc_plain" / "zero" / name / "fp32.pt", weights_only=False)
-    got = got["param"] if isinstance(got, dict) else got
-    print(f"\n1. ds_to_universal as is: {name} {tuple(got.shape)} (whole: {tuple(truth.shape)}); "
+    got = _universal(work / "uc_plain", name)
+    print(f"1. ds_to_universal as is: {name} {tuple(got.shape)} (whole: {tuple(truth.shape)}); "
           f"equal to the experts in order: {torch.equal(got.flatten(), truth.flatten())}")
 
     try:
