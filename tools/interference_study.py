@@ -2,12 +2,12 @@
 """The pre-registered interference study of docs/results.md (issue 18): every variant of the
 interference workload and of its negative control, seeds 0..19, one process, one thread.
 
-    nice -n 10 python tools/interference_study.py --out runs/intf_study
+    python tools/interference_study.py --out runs/intf_study --jobs 2
     python tools/interference_study.py --out runs/intf_study --analyse-only     # tables again
 
-Seeds run in order; each seed trains every variant of both workloads on that seed's batches,
-then `results.json` is rewritten (temp name + rename), so an interrupted study keeps whole
-seeds. Stopping rule: no new seed starts after --max-minutes. The analysis (results.md,
+Seeds start in order (--jobs of them at once, each in its own single-thread process); each seed
+trains every variant of both workloads on that seed's batches, then `results.json` is rewritten
+(temp name + rename, seeds in order), so an interrupted study keeps whole seeds. Stopping rule: no new seed starts after --max-minutes. The analysis (results.md,
 img/intf_contrasts.png) is the one fixed in the pre-registration: paired differences per seed,
 95% percentile bootstrap intervals (10,000 resamples, generator seed 0).
 """
@@ -45,39 +45,73 @@ CONTRASTS = {"interference": [("H0", "oracle", "topk"), ("H1/H3", "tag", "topk")
              "control": [("C1", "tag", "topk"), ("C2", "oracle", "topk"), ("-", "topk", "dense")]}
 
 
-def run(out: Path, seeds, max_minutes: float) -> dict:
+def run_seed(seed: int, done=frozenset()) -> list:
+    """Every variant of both workloads on one seed's batches (one process, one thread)."""
+    torch.set_num_threads(1)
+    rows = []
+    for name, variants in VARIANTS.items():
+        wl = get_workload(name)
+        batches, evals = None, None
+        for v in variants:
+            if (name, v, seed) in done:
+                continue
+            if batches is None:
+                batches = wl.train_batches(seed, BUDGET.steps, BUDGET.batch_size)
+                evals = wl.eval_batches(BUDGET.eval_per_task, BUDGET.eval_batch_size)
+            r = train_run(wl, v, seed, BUDGET, batches, evals)
+            last = r.history[-1]
+            rows.append({
+                "workload": name, "variant": v, "seed": seed, "task_loss": r.task_loss,
+                "mean": r.mean_loss, "worst": list(r.worst), "mi_per_layer": r.mi_per_layer,
+                "align_acc": r.align_acc, "target_min_dist": last.get("target_min_dist"),
+                "align_loss_last": last.get("align_loss"), "seconds": r.seconds,
+                "active_params": r.active_params})
+            print(f"[{name}] seed {seed} {v:11s} mean {r.mean_loss:.4f} worst {r.worst[1]:.4f} "
+                  f"MI {r.mi:.3f} ({r.seconds:.1f}s)", flush=True)
+    return rows
+
+
+def run(out: Path, seeds, max_minutes: float, jobs: int = 1) -> dict:
+    """Seeds in order, `jobs` at a time (each its own process and thread: the numbers do not
+    depend on jobs). Stopping rule: no new seed starts after max_minutes."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
     path = out / "results.json"
     blob = json.loads(path.read_text()) if path.exists() else {"budget": vars(BUDGET), "runs": []}
-    done = {(r["workload"], r["variant"], r["seed"]) for r in blob["runs"]}
+    done = frozenset((r["workload"], r["variant"], r["seed"]) for r in blob["runs"])
     t0 = time.perf_counter()
-    for seed in seeds:
-        if (time.perf_counter() - t0) / 60 > max_minutes:
-            print(f"stopping rule: {max_minutes} min passed, no new seed after {seed - 1}", flush=True)
-            break
-        for name, variants in VARIANTS.items():
-            wl = get_workload(name)
-            batches, evals = None, None
-            for v in variants:
-                if (name, v, seed) in done:
-                    continue
-                if batches is None:
-                    batches = wl.train_batches(seed, BUDGET.steps, BUDGET.batch_size)
-                    evals = wl.eval_batches(BUDGET.eval_per_task, BUDGET.eval_batch_size)
-                r = train_run(wl, v, seed, BUDGET, batches, evals)
-                last = r.history[-1]
-                blob["runs"].append({
-                    "workload": name, "variant": v, "seed": seed, "task_loss": r.task_loss,
-                    "mean": r.mean_loss, "worst": list(r.worst), "mi_per_layer": r.mi_per_layer,
-                    "align_acc": r.align_acc, "target_min_dist": last.get("target_min_dist"),
-                    "align_loss_last": last.get("align_loss"), "seconds": r.seconds,
-                    "active_params": r.active_params})
-                print(f"[{name}] seed {seed} {v:11s} mean {r.mean_loss:.4f} worst {r.worst[1]:.4f} "
-                      f"MI {r.mi:.3f} ({r.seconds:.1f}s, total {time.perf_counter() - t0:.0f}s)",
+    pending, todo = {}, list(seeds)
+    pool = cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else None
+
+    def submit():
+        while todo and len(pending) < jobs:
+            if (time.perf_counter() - t0) / 60 > max_minutes:
+                print(f"stopping rule: {max_minutes} min passed, no new seed from {todo[0]}",
                       flush=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(blob, indent=1))
-        os.replace(tmp, path)
+                todo.clear()
+                return
+            seed = todo.pop(0)
+            pending[seed] = pool.submit(run_seed, seed, done) if pool else run_seed(seed, done)
+
+    try:
+        submit()
+        while pending:
+            seed = min(pending)
+            rows = pending.pop(seed)
+            rows = rows.result() if pool else rows
+            blob["runs"].extend(rows)
+            blob["runs"].sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["workload"]),
+                                             VARIANTS[r["workload"]].index(r["variant"])))
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(blob, indent=1))
+            os.replace(tmp, path)
+            print(f"seed {seed} done ({time.perf_counter() - t0:.0f}s)", flush=True)
+            submit()
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     blob["wall_seconds"] = blob.get("wall_seconds", 0.0) + time.perf_counter() - t0
+    blob["jobs"] = jobs
     path.write_text(json.dumps(blob, indent=1))
     return blob
 
@@ -191,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", default="0-19", help="a range a-b or a comma-separated list")
     ap.add_argument("--max-minutes", type=float, default=40.0)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds trained at once, one process and one thread each (2 on a 2-core "
+                         "machine); the numbers are the same for any value")
     ap.add_argument("--analyse-only", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -204,7 +241,7 @@ def main(argv=None) -> int:
     if args.analyse_only:
         blob = json.loads((out / "results.json").read_text())
     else:
-        blob = run(out, seeds, args.max_minutes)
+        blob = run(out, seeds, args.max_minutes, args.jobs)
     md = analyse(blob)
     (out / "results.md").write_text(md)
     print(md)
