@@ -65,7 +65,10 @@ class TaskAwareRouter(TopKRouter):
 
 def _orthogonal(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(cols, rows, generator=g))
+    # torch.normal, not torch.randn (the same values): deepspeed.zero.Init with bf16 patches
+    # torch.randn to return bf16, for which CPU QR is not implemented, and the targets would
+    # then differ from a ZeRO-2 build of the same model
+    q, _ = torch.linalg.qr(torch.normal(0.0, 1.0, size=(cols, rows), generator=g))
     return q.t().contiguous()
 
 
