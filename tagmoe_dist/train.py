@@ -286,11 +286,13 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     log_dir = Path(train["log_dir"])
     ckpt_dir = log_dir / "checkpoints"
     run_config = ckpt.effective_config(cfg, train)
-    resume = None
+    resume, engine_config = None, ds_config
     if args.resume:
         explicit = [item.split("=", 1)[0] for item in args.set]
         resume = ckpt.prepare_resume(ckpt_dir, run_config, explicit, world,
                                      train["ep_size"] if not cfg.is_dense else None)
+        # a universal checkpoint (reshard of a ZeRO-3 run): DeepSpeed's universal loader
+        engine_config = ckpt.universal_config(ds_config, resume)
     elif args.overwrite:
         if rank == 0:
             for p in run_dir.clear(log_dir):
@@ -317,7 +319,7 @@ def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(params, lr=train["lr"], betas=(0.9, 0.95))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                                   optimizer=optimizer, config=ds_config)
+                                                   optimizer=optimizer, config=engine_config)
 
     start = 0
     if resume is not None:

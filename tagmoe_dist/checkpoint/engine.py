@@ -105,7 +105,7 @@ def save(engine, ckpt_dir: Path, step: int, config: Optional[dict] = None,
         raise atomic.write_failed(tag_dir, e) from e
     _barrier()
     files = mf.data_files(tag_dir)
-    shares = _gather(mf.hash_files(files[rank::world]))
+    shares = _gather(mf.hash_files(files[rank::world], tag_dir))
     if rank == 0:
         hashes = {k: v for share in shares for k, v in share.items()}
         fields = {"step": step, **({"config": _plain(config)} if config is not None else {})}
@@ -227,7 +227,7 @@ def prepare_resume(ckpt_dir: Path, config: Optional[dict], explicit: Iterable[st
         if train:
             _print0("note: resuming with changed settings: "
                     + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in train))
-    if ep_size is not None and not manifest.get("weights_only"):
+    if ep_size is not None and not manifest.get("weights_only") and not manifest.get("universal"):
         from tagmoe_dist.checkpoint.reshard import saved_layout
         layout = saved_layout(tag_dir)
         if layout["ep_size"] not in (None, ep_size) or layout["world_size"] != world:
@@ -252,6 +252,14 @@ def load(engine, ckpt_dir: Path, ep_size: Optional[int] = None,
     else:
         tag_dir, manifest = resume
     root, tag = tag_dir.parent, tag_dir.name
+    if manifest.get("universal"):
+        # any EP and world size; the engine was configured with checkpoint.load_universal
+        # (universal_config), the loader is DeepSpeed's, with two of its defects undone
+        from tagmoe_dist.checkpoint.zero3 import load_universal
+        with loading.restricted(engine):
+            load_universal(engine, root, tag)
+        _print0(f"note: resumed from the universal checkpoint {tag_dir}")
+        return int(manifest.get("step", 0))
     with loading.restricted(engine):
         if manifest.get("weights_only") and engine.zero_optimization_partition_weights():
             # ZeRO-3 engines cannot load ZeRO 0-2 module files: whole weights, then partitioned
@@ -274,6 +282,22 @@ def load(engine, ckpt_dir: Path, ep_size: Optional[int] = None,
     if path is None:
         raise ValueError(f"DeepSpeed could not load {tag_dir}")
     return int(client["step"])
+
+
+def universal_config(ds_config: Dict[str, Any], resume: Optional[Tuple[Path, dict]]
+                     ) -> Dict[str, Any]:
+    """The DeepSpeed config to build the engine with when resuming `resume` (prepare_resume's
+    result): a universal checkpoint needs `checkpoint.load_universal` and ZeRO-3."""
+    if resume is None or not resume[1].get("universal"):
+        return ds_config
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage != 3:
+        raise ValueError(f"--resume: {resume[0]} is a universal checkpoint of a ZeRO-3 run "
+                         f"(python -m tagmoe_dist.reshard); resume it with a ZeRO-3 DeepSpeed "
+                         f"config (configs/deepspeed/zero3.json), not ZeRO stage {stage}; or "
+                         "reshard the ZeRO-3 source with --reset-optimizer for ZeRO 0-2")
+    return {**ds_config, "checkpoint": {**(ds_config.get("checkpoint") or {}),
+                                        "load_universal": True}}
 
 
 def write_run_config(ckpt_dir: Path, config_path: str, cfg, schema, train: Dict[str, Any],

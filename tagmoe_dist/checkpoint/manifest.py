@@ -36,14 +36,24 @@ def file_hash(path: PathLike, algorithm: str = HASH) -> str:
     return h.hexdigest()
 
 
-def hash_files(paths: Iterable[Path]) -> Dict[str, str]:
-    return {p.name: file_hash(p) for p in paths}
+def file_name(tag_dir: PathLike, path: Path) -> str:
+    """A file's name in the manifest: its path relative to the tag ('zero/<param>/fp32.pt' in
+    DeepSpeed universal checkpoints)."""
+    return Path(path).relative_to(tag_dir).as_posix()
+
+
+def hash_files(paths: Iterable[Path], tag_dir: Optional[PathLike] = None) -> Dict[str, str]:
+    return {(file_name(tag_dir, p) if tag_dir is not None else p.name): file_hash(p)
+            for p in paths}
 
 
 def data_files(tag_dir: PathLike) -> List[Path]:
-    """Every file of a tag but the manifest (and our own temporary files), sorted by name."""
-    return [p for p in sorted(Path(tag_dir).iterdir())
-            if p.name != MANIFEST and not p.name.startswith(".") and p.is_file()]
+    """Every file of a tag, sub-directories included, but the manifest (and our own temporary
+    files), sorted by name."""
+    tag_dir = Path(tag_dir)
+    return [p for p in sorted(tag_dir.rglob("*"), key=lambda q: file_name(tag_dir, q))
+            if p.name != MANIFEST and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(tag_dir).parts)]
 
 
 def remove(tag_dir: PathLike) -> None:
@@ -59,14 +69,14 @@ def write(tag_dir: PathLike, hashes: Optional[Dict[str, str]] = None, **fields) 
     """List every file of `tag_dir` in its manifest, with its size and hash, and `fields`.
     `hashes`: {file name: hex digest} already computed (e.g. by every rank for its share)."""
     tag_dir = Path(tag_dir)
-    files = data_files(tag_dir)
+    files = {file_name(tag_dir, p): p for p in data_files(tag_dir)}
     if hashes is None:
-        hashes = hash_files(files)
-    missing = sorted({p.name for p in files} - set(hashes))
+        hashes = hash_files(files.values(), tag_dir)
+    missing = sorted(set(files) - set(hashes))
     if missing:
         raise ValueError(f"{tag_dir}: no hash for {missing}")
     manifest = {**fields, "hash": HASH,
-                "files": {p.name: {"bytes": p.stat().st_size, HASH: hashes[p.name]} for p in files}}
+                "files": {n: {"bytes": p.stat().st_size, HASH: hashes[n]} for n, p in files.items()}}
     atomic.write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 

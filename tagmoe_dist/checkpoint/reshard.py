@@ -28,8 +28,12 @@ Algorithm:
      the run's model_config.yaml (train.ep_size = P, train.log_dir = the parent of --dst).
   5. All of it in a temporary directory next to --dst, renamed onto it at the end.
 
+A ZeRO-3 source becomes a DeepSpeed universal checkpoint (`zero3.to_universal`: weights and Adam
+moments, whole, for any EP and world size; the manifest says `universal: true`), which the trainer
+resumes under ZeRO-3 through DeepSpeed's universal loader (`zero3.load_universal`).
+
 With `reset_optimizer=True`, or when the source has no ZeRO 1/2 optimizer state (ZeRO-0, or a
-weights-only checkpoint), only the weights are written: the manifest says `weights_only: true` and
+weights-only checkpoint), only the weights are written (ZeRO 0-2 files, for any ZeRO stage): the manifest says `weights_only: true` and
 why, and `tagmoe_dist.checkpoint.engine.load` then loads the module only (Adam restarts from zero).
 
 Memory: the source files are memory-mapped; the output optimizer partitions (one fp32 copy and
@@ -135,8 +139,14 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
     if (tag_dir / TP_MAIN_FILE).exists():
         raise ValueError(f"{tag_dir}: tensor-parallel checkpoints are not supported")
     from tagmoe_dist.checkpoint import zero3 as zero3_checkpoint
+    if zero3_checkpoint.is_universal(tag_dir):
+        raise ValueError(f"{tag_dir} is a DeepSpeed universal checkpoint: it already loads at any "
+                         "EP and world size; resume from it directly (ZeRO-3 config)")
+    if zero3_checkpoint.is_zero3(tag_dir) and not (tag_dir / MAIN_FILE).is_file() \
+            and not reset_optimizer and not manifest_in.get("weights_only"):
+        return _reshard_zero3(root, tag_dir, manifest_in, dst, ep_size, world_size, log)
     if zero3_checkpoint.is_zero3(tag_dir) and not (tag_dir / MAIN_FILE).is_file():
-        # ZeRO-3: the weights, re-laid out as ZeRO 0-2 files (a weights-only source)
+        # ZeRO-3, --reset-optimizer: the weights, re-laid out as ZeRO 0-2 files (weights only)
         import tempfile
         dst.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{dst.name}.z3-", dir=dst.parent) as z2:
@@ -148,8 +158,6 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
                 if (root / name).is_file():
                     shutil.copy2(root / name, Path(z2) / name)
             (Path(z2) / LATEST).write_text(tag_dir.name)
-            log("note: the source is a ZeRO-3 checkpoint: its weights are resharded, its "
-                "optimizer state is not")
             return reshard(z2, dst, ep_size, world_size, None, reset_optimizer, force, log)
     if not (tag_dir / MAIN_FILE).is_file():
         raise ValueError(f"{tag_dir} has no {MAIN_FILE}: a ZeRO-3 or pipeline checkpoint? "
@@ -208,6 +216,42 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
         _write_side_files(root, tmp, dst, ep_size)
         atomic.replace_dir(tmp, dst)
     log(f"wrote {dst}/{tag_dir.name} for ep_size {ep_size} on {world} processes; {optim_note}")
+    return dst
+
+
+def _reshard_zero3(root: Path, tag_dir: Path, manifest_in: dict, dst: Path, ep_size: int,
+                   world_size: Optional[int], log: Callable[[str], None]) -> Path:
+    """ZeRO-3 source, optimizer kept: a DeepSpeed universal checkpoint (`zero3.to_universal`:
+    whole fp32 weights and Adam moments per parameter, experts [E, ...]), which DeepSpeed's ZeRO-3
+    loader cuts for any EP and world size; the trainer resumes from it under ZeRO-3."""
+    from tagmoe_dist.checkpoint import zero3 as zero3_checkpoint
+    layout = zero3_checkpoint.saved_layout(tag_dir)
+    world = layout["world_size"] if world_size is None else int(world_size)
+    if world < 1 or world % ep_size:
+        raise ValueError(f"--ep-size {ep_size} does not divide the world size {world}; pass "
+                         "--world-size, a multiple of --ep-size")
+    shapes = _load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]
+    local = {n: s for g in shapes for n, s in g.items()}
+    for name in zero3_checkpoint.expert_names(tag_dir):
+        count = int(local[name][0]) * (layout["ep_size"] or 1)
+        if count % ep_size:
+            raise ValueError(f"{name} has {count} experts, not divisible by --ep-size {ep_size}")
+    step = int(manifest_in.get("step", 0))
+    with atomic.new_dir(dst) as tmp:
+        out_tag = zero3_checkpoint.to_universal(tag_dir, tmp / tag_dir.name)
+        note = (f"universal checkpoint of a ZeRO-3 checkpoint (ep_size {layout['ep_size']}, world "
+                f"{layout['world_size']}): weights and optimizer state, for any EP size; resume "
+                "it with a ZeRO-3 DeepSpeed config")
+        mf.write(out_tag, step=step, ep_size=ep_size, world_size=world, universal=True, note=note,
+                 resharded_from={"dir": str(tag_dir.resolve()), "ep_size": layout["ep_size"],
+                                 "world_size": layout["world_size"],
+                                 "files": manifest_in.get("files")},
+                 **({"config": _retarget(manifest_in["config"], dst, ep_size)}
+                    if manifest_in.get("config") else {}))
+        (tmp / LATEST).write_text(tag_dir.name)
+        _write_side_files(root, tmp, dst, ep_size)
+        atomic.replace_dir(tmp, dst)
+    log(f"wrote {dst}/{tag_dir.name} for ep_size {ep_size} on {world} processes; {note}")
     return dst
 
 

@@ -39,12 +39,40 @@ _MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _EXPERT = "autoep_expert"
 _DS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+UNIVERSAL_DIR = "zero"
 
 PathLike = Union[str, Path]
 
 
 def is_zero3(tag_dir: PathLike) -> bool:
     return (Path(tag_dir) / _MODEL.format(0)).is_file()
+
+
+def is_universal(tag_dir: PathLike) -> bool:
+    """A DeepSpeed universal checkpoint (`to_universal`, or `reshard` of a ZeRO-3 checkpoint):
+    whole parameters and Adam moments under zero/<name>/, for any EP and world size."""
+    return (Path(tag_dir) / UNIVERSAL_DIR).is_dir() and is_zero3(tag_dir)
+
+
+def _universal_param(tag_dir: Path, name: str, state: str = "fp32"):
+    path = tag_dir / UNIVERSAL_DIR / name / f"{state}.pt"
+    if not path.is_file():
+        raise ValueError(f"{tag_dir}: universal checkpoint lacks {path.relative_to(tag_dir)}")
+    got = _load(path)
+    return got if isinstance(got, dict) else {"param": got}
+
+
+def _consolidate_universal(tag_dir: Path, with_optimizer: bool) -> Dict[str, torch.Tensor]:
+    first = _load(tag_dir / _MODEL.format(0))
+    out: Dict[str, torch.Tensor] = {}
+    for group in first["param_shapes"]:
+        for name, shape in group.items():
+            for state in ("fp32", "exp_avg", "exp_avg_sq") if with_optimizer else ("fp32",):
+                entry = _universal_param(tag_dir, name, state)
+                t = entry["param"].detach().float()
+                # experts are whole [E, ...] (is_expert_param); the rest flat, shaped here
+                out[_key(name, state)] = t if entry.get("is_expert_param") else t.view(tuple(shape))
+    return _with_buffers_and_ties(out, first)
 
 
 def _load(path: Path):
@@ -103,9 +131,12 @@ def saved_layout(tag_dir: PathLike) -> Dict[str, Optional[int]]:
 
 
 def consolidate(tag_dir: PathLike, with_optimizer: bool = False) -> Dict[str, torch.Tensor]:
-    """The global fp32 state dict of a ZeRO-3 checkpoint directory (see the module docstring).
+    """The global fp32 state dict of a ZeRO-3 checkpoint directory (see the module docstring),
+    or of a universal one (`is_universal`).
     with_optimizer: also `<name>.exp_avg` / `<name>.exp_avg_sq` (Adam moments), same layout."""
     tag_dir = Path(tag_dir)
+    if is_universal(tag_dir):
+        return _consolidate_universal(tag_dir, with_optimizer)
     models, optims = _files(tag_dir)
     world = len(models)
     # (name, state, ep_rank or None) -> {partition rank: (piece, shape, count)}
@@ -160,6 +191,11 @@ def consolidate(tag_dir: PathLike, with_optimizer: bool = False) -> Dict[str, to
             raise ValueError(f"{tag_dir}: expert parameter {name} has expert-parallel shares "
                              f"{sorted(shares)} of {ep_size}")
         out[_key(name, key)] = torch.cat([shares[e] for e in range(ep_size)])
+    return _with_buffers_and_ties(out, first)
+
+
+def _with_buffers_and_ties(out: Dict[str, torch.Tensor], first: dict) -> Dict[str, torch.Tensor]:
+    """Buffers from rank 0's 'module', tied names filled in, in the model's order."""
     for name in first.get("buffer_names") or []:
         if name in first["module"]:
             out[name] = first["module"][name].float() if first["module"][name].is_floating_point() \
@@ -178,6 +214,10 @@ def _key(name: str, state: str) -> str:
 def expert_names(tag_dir: PathLike) -> List[str]:
     """Parameter names of the expert sub-groups (rank 0's files)."""
     tag_dir = Path(tag_dir)
+    if is_universal(tag_dir):
+        shapes = _load(tag_dir / _MODEL.format(0))["param_shapes"]
+        return [n for g in shapes for n in g
+                if _universal_param(tag_dir, n).get("is_expert_param")]
     models, optims = _files(tag_dir)
     shapes = _load(models[0])["param_shapes"]
     meta = _load(optims[0])["optimizer_state_dict"].get("ds_zero_partition_groups") or []
