@@ -14,15 +14,17 @@ Example: a run trained at EP=2 on 2 processes, continued at EP=1 (expert data pa
 
 Model weights never depend on the EP size (expert files are named by global expert id); the ZeRO
 optimizer partitions do, and DeepSpeed loads a mismatched layout silently, scrambling the experts
-at the first step. This tool rewrites the partitions exactly (ZeRO stage 1/2) or, with
---reset-optimizer, keeps only the weights. See docs/upcycling.md.
+at the first step. This tool rewrites the partitions exactly (ZeRO stage 1/2), writes a
+DeepSpeed universal checkpoint for a ZeRO-3 source (resume it with a ZeRO-3 config, e.g.
+configs/deepspeed/zero3.json), or, with --reset-optimizer, keeps only the weights.
+See docs/upcycling.md and docs/deepspeed.md.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tagmoe_dist.reshard",
-        description="Rewrite a tagmoe_dist.train (DeepSpeed ZeRO 1/2) checkpoint for another "
+        description="Rewrite a tagmoe_dist.train (DeepSpeed ZeRO 1/2/3) checkpoint for another "
                     "expert-parallel size, so that train.py --resume continues it there.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, metavar="DIR",
