@@ -42,9 +42,8 @@ def file_name(tag_dir: PathLike, path: Path) -> str:
     return Path(path).relative_to(tag_dir).as_posix()
 
 
-def hash_files(paths: Iterable[Path], tag_dir: Optional[PathLike] = None) -> Dict[str, str]:
-    return {(file_name(tag_dir, p) if tag_dir is not None else p.name): file_hash(p)
-            for p in paths}
+def hash_files(paths: Iterable[Path], tag_dir: PathLike) -> Dict[str, str]:
+    return {file_name(tag_dir, p): file_hash(p) for p in paths}
 
 
 def data_files(tag_dir: PathLike) -> List[Path]:

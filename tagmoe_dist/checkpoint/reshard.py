@@ -33,8 +33,9 @@ moments, whole, for any EP and world size; the manifest says `universal: true`),
 resumes under ZeRO-3 through DeepSpeed's universal loader (`zero3.load_universal`).
 
 With `reset_optimizer=True`, or when the source has no ZeRO 1/2 optimizer state (ZeRO-0, or a
-weights-only checkpoint), only the weights are written (ZeRO 0-2 files, for any ZeRO stage): the manifest says `weights_only: true` and
-why, and `tagmoe_dist.checkpoint.engine.load` then loads the module only (Adam restarts from zero).
+weights-only checkpoint), only the weights are written (ZeRO 0-2 files, for any ZeRO stage):
+the manifest says `weights_only: true` and why, and `tagmoe_dist.checkpoint.engine.load` then
+loads the module only (Adam restarts from zero).
 
 Memory: the source files are memory-mapped; the output optimizer partitions (one fp32 copy and
 two moments of the model) are built in memory before they are written. The source is verified
@@ -206,17 +207,25 @@ def reshard(src: PathLike, dst: PathLike, ep_size: int, world_size: Optional[int
                           f"moments at step {step}")
             log(f"WARNING: {optim_note}")
         _save(main, out_tag / MAIN_FILE)
-        mf.write(out_tag, step=step, ep_size=ep_size, world_size=world,
-                 weights_only=reason is not None, note=optim_note,
-                 resharded_from={"dir": str(tag_dir.resolve()), "ep_size": src_ep,
-                                 "world_size": src_world, "files": manifest_in.get("files")},
-                 **({"config": _retarget(manifest_in["config"], dst, ep_size)}
-                    if manifest_in.get("config") else {}))
-        (tmp / LATEST).write_text(tag_dir.name)
-        _write_side_files(root, tmp, dst, ep_size)
-        atomic.replace_dir(tmp, dst)
+        _finish(root, tag_dir, manifest_in, tmp, dst, step=step, ep_size=ep_size,
+                world_size=world, weights_only=reason is not None, note=optim_note,
+                source={"ep_size": src_ep, "world_size": src_world})
     log(f"wrote {dst}/{tag_dir.name} for ep_size {ep_size} on {world} processes; {optim_note}")
     return dst
+
+
+def _finish(root: Path, tag_dir: Path, manifest_in: dict, tmp: Path, dst: Path, *, source: dict,
+            ep_size: int, **fields) -> None:
+    """The written tag's manifest (with where it came from and the retargeted run config),
+    `latest`, the run's side files; then `tmp` renamed onto `dst`."""
+    mf.write(tmp / tag_dir.name, ep_size=ep_size, **fields,
+             resharded_from={"dir": str(tag_dir.resolve()), **source,
+                             "files": manifest_in.get("files")},
+             **({"config": _retarget(manifest_in["config"], dst, ep_size)}
+                if manifest_in.get("config") else {}))
+    (tmp / LATEST).write_text(tag_dir.name)
+    _write_side_files(root, tmp, dst, ep_size)
+    atomic.replace_dir(tmp, dst)
 
 
 def _reshard_zero3(root: Path, tag_dir: Path, manifest_in: dict, dst: Path, ep_size: int,
@@ -230,27 +239,20 @@ def _reshard_zero3(root: Path, tag_dir: Path, manifest_in: dict, dst: Path, ep_s
     if world < 1 or world % ep_size:
         raise ValueError(f"--ep-size {ep_size} does not divide the world size {world}; pass "
                          "--world-size, a multiple of --ep-size")
-    shapes = _load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]
+    shapes = zero3_checkpoint.rank0_model_state(tag_dir)["param_shapes"]
     local = {n: s for g in shapes for n, s in g.items()}
     for name in zero3_checkpoint.expert_names(tag_dir):
         count = int(local[name][0]) * (layout["ep_size"] or 1)
         if count % ep_size:
             raise ValueError(f"{name} has {count} experts, not divisible by --ep-size {ep_size}")
     step = int(manifest_in.get("step", 0))
+    note = (f"universal checkpoint of a ZeRO-3 checkpoint (ep_size {layout['ep_size']}, world "
+            f"{layout['world_size']}): weights and optimizer state, for any EP size; resume it "
+            "with a ZeRO-3 DeepSpeed config")
     with atomic.new_dir(dst) as tmp:
-        out_tag = zero3_checkpoint.to_universal(tag_dir, tmp / tag_dir.name)
-        note = (f"universal checkpoint of a ZeRO-3 checkpoint (ep_size {layout['ep_size']}, world "
-                f"{layout['world_size']}): weights and optimizer state, for any EP size; resume "
-                "it with a ZeRO-3 DeepSpeed config")
-        mf.write(out_tag, step=step, ep_size=ep_size, world_size=world, universal=True, note=note,
-                 resharded_from={"dir": str(tag_dir.resolve()), "ep_size": layout["ep_size"],
-                                 "world_size": layout["world_size"],
-                                 "files": manifest_in.get("files")},
-                 **({"config": _retarget(manifest_in["config"], dst, ep_size)}
-                    if manifest_in.get("config") else {}))
-        (tmp / LATEST).write_text(tag_dir.name)
-        _write_side_files(root, tmp, dst, ep_size)
-        atomic.replace_dir(tmp, dst)
+        zero3_checkpoint.to_universal(tag_dir, tmp / tag_dir.name)
+        _finish(root, tag_dir, manifest_in, tmp, dst, step=step, ep_size=ep_size,
+                world_size=world, universal=True, note=note, source=layout)
     log(f"wrote {dst}/{tag_dir.name} for ep_size {ep_size} on {world} processes; {note}")
     return dst
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 
 import tagmoe_dist as tm  # noqa: E402
 from tests.test_device_hygiene import SCHEMA, HygieneMode, SyncMode, _BackwardUnder  # noqa: E402
-from tagmoe_dist.ports import free_port  # noqa: E402
+from tests.gpu import launch  # noqa: E402
 
 
 def check(device, world) -> dict:
@@ -70,20 +68,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU (no CUDA sync mode)")
     a = ap.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if a.cpu_smoke:
-        device, backend = torch.device("cpu"), "gloo"
-    else:
-        if not torch.cuda.is_available():
-            print("check_hygiene.py: no CUDA device (use --cpu-smoke on CPU)", file=sys.stderr)
-            return 2
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    if "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    started = launch.init(a.cpu_smoke, "check_hygiene.py")
+    if started is None:
+        return 2
+    device, backend, rank, world = started
     try:
         res = check(device, world)
     except Exception as e:       # e.g. set_sync_debug_mode("error") raising at a sync

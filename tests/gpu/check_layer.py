@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import tagmoe_dist as tm  # noqa: E402
-from tagmoe_dist.ports import free_port  # noqa: E402
+from tests.gpu import launch  # noqa: E402
 
 SCHEMA = tm.TaskSchema.from_dict({"levels": {"scope": ["local", "global"],
                                              "type": {"values": ["a", "b", "c"], "multi": True}}})
@@ -124,23 +122,13 @@ def main() -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU, two cases, tiny shapes")
     ap.add_argument("--json", help="also write the report here")
     a = ap.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if a.cpu_smoke:
-        device, backend = torch.device("cpu"), "gloo"
-    else:
-        if not torch.cuda.is_available():
-            print("check_layer.py: no CUDA device (use --cpu-smoke on CPU)", file=sys.stderr)
-            return 2
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
+    started = launch.init(a.cpu_smoke, "check_layer.py", bind_device=True)
+    if started is None:
+        return 2
+    device, backend, rank, world = started
+    if backend == "nccl":       # the float64 reference is compared with true fp32 matmuls
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    if "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=5),
-                            device_id=device if backend == "nccl" else None)
     groups = tm.ParallelGroups.build(ep_size=world) if world > 1 else tm.ParallelGroups.single()
     # B, S, D, F, E, K: widths multiples of 16 (grouped_mm rows), 8 experts for EP up to 8
     shape = (2, 16, 32, 16, 4 * max(2, world), 2) if a.cpu_smoke else (4, 64, 256, 128, 16, 4)

@@ -94,74 +94,58 @@ def _load_source(src, dtype):
         str(Path(src).resolve())
 
 
-def _reader(src, model_type: str, hf_config, dtype) -> Optional[streaming.SafetensorsReader]:
-    """The streaming reader of a directory source whose layout is known; None: load it whole."""
+def _reader(src) -> Optional[streaming.SafetensorsReader]:
+    """The safetensors reader of a directory source; None for a built model, or (with a
+    warning) a directory without safetensors weights: those are loaded whole."""
     from transformers import PreTrainedModel
     if isinstance(src, PreTrainedModel):
         return None                      # already built by the caller
     reader = streaming.SafetensorsReader.open(Path(src))
     if reader is None:
         streaming.warn_whole(Path(src), "no safetensors weights")
-        return None
-    model = streaming.skeleton(hf_config, dtype)
-    layers = decoder_layers(model)
-    wanted = families.replaced_class(model_type)
-    for i, pre in enumerate(streaming.layer_prefixes(model, layers)):
-        if type(layers[i].mlp).__name__ != wanted:
-            continue
-        if families.is_dense(model_type):
-            ok = all(f"{pre}mlp.{k}" in reader for k in layers[i].mlp.state_dict())
-        else:
-            ok = streaming.expert_state(_NameProbe(reader), pre, model_type, [0], dtype) is not None
-        if not ok:
-            streaming.warn_whole(Path(src), f"layer {i}'s MLP tensors have names this loader "
-                                 "does not know")
-            return None
-    missing = streaming.missing_from(reader, _without_blocks(model, layers, wanted))
-    if missing:
-        streaming.warn_whole(Path(src), f"{missing[:3]} are not in its safetensors files")
-        return None
     return reader
 
 
-class _NameProbe:
-    """A reader that answers membership and returns empty tensors: checks names, reads nothing."""
+def _unstreamable(reader, model: nn.Module, model_type: str) -> Optional[str]:
+    """Why the files cannot fill the skeleton `model` tensor by tensor; None if they can."""
+    wanted = families.replaced_class(model_type)
+    layers = decoder_layers(model)
+    prefixes = streaming.layer_prefixes(model, layers)
+    blocks = []
+    for i, layer in enumerate(layers):
+        if type(layer.mlp).__name__ != wanted:
+            continue
+        pre = prefixes[i]
+        blocks.append(f"{pre}mlp.")
+        if families.is_dense(model_type):
+            ok = all(f"{pre}mlp.{k}" in reader for k in layer.mlp.state_dict())
+        else:
+            ok = streaming.expert_layout(reader, pre, model_type) is not None
+        if not ok:
+            return f"layer {i}'s MLP tensors have names this loader does not know"
+    missing = streaming.missing_from(reader, model, skip=tuple(blocks))
+    return f"{missing[:3]} are not in its safetensors files" if missing else None
 
-    def __init__(self, reader):
-        self._reader = reader
 
-    def __contains__(self, name):
-        return name in self._reader
-
-    def get(self, name, dtype):
-        return torch.empty(0, 0, dtype=dtype)
-
-    def get_rows(self, name, start, stop, dtype):
-        return torch.empty(0, 0, 0, dtype=dtype)
-
-
-def _without_blocks(model: nn.Module, layers: nn.ModuleList, wanted: str) -> nn.Module:
-    for layer in layers:
-        if type(layer.mlp).__name__ == wanted:
-            layer.mlp = nn.Identity()
-    return model
+def _load_layer(layer: MoELayer, sd: Dict[str, torch.Tensor]) -> None:
+    """The MoE layer's own state with `sd` (converted source weights) put in, in its dtypes."""
+    full = dict(layer.state_dict())
+    unknown = sorted(set(sd) - set(full))
+    assert not unknown, unknown
+    full.update({k: v.to(full[k].dtype) for k, v in sd.items()})
+    layer.load_state_dict(full)
 
 
 def _stream_block(block: HFMoEBlock, old_meta: nn.Module, reader, prefix: str, model_type: str,
                   index: int, up, router_std: float, dtype: torch.dtype) -> None:
-    layer: MoELayer = block.moe
-    ids = layer.experts.global_ids
+    ids = block.moe.experts.global_ids
     if up is not None:
         mlp = streaming.dense_mlp(reader, prefix, old_meta, dtype)
         sd = families.upcycled_state(mlp, index, up, ids, router_std)
     else:
         sd = streaming.expert_state(reader, prefix, model_type, ids, dtype)
     block.to(dtype=dtype)
-    full = dict(layer.state_dict())
-    unknown = sorted(set(sd) - set(full))
-    assert not unknown, unknown
-    full.update({k: v.to(full[k].dtype) for k, v in sd.items()})
-    layer.load_state_dict(full)
+    _load_layer(block.moe, sd)
 
 
 def _finish_streamed(model: nn.Module, src: Path) -> None:
@@ -220,10 +204,14 @@ def from_pretrained(src, moe: Optional[Mapping[str, Any]] = None,
     context = TaskContext(groups)
     wanted = families.replaced_class(model_type)
     router_std = float(getattr(hf_config, "initializer_range", 0.02))
-    reader = _reader(src, model_type, hf_config, dtype)
+    reader = _reader(src)
     if reader is not None:
         model, src_dir = streaming.skeleton(hf_config, dtype), str(Path(src).resolve())
-    else:
+        why = _unstreamable(reader, model, model_type)
+        if why is not None:
+            streaming.warn_whole(Path(src), why)
+            reader = None
+    if reader is None:
         model, src_dir = _load_source(src, dtype)
     layers = decoder_layers(model)
     prefixes = streaming.layer_prefixes(model, layers)
@@ -278,11 +266,7 @@ def _load_block(block: HFMoEBlock, old: nn.Module, model_type: str, index: int,
         sd = families.sparse_block_state(old, model_type)
         sd["experts.w1"] = sd["experts.w1"][ids[0]:ids[-1] + 1]
         sd["experts.w2"] = sd["experts.w2"][ids[0]:ids[-1] + 1]
-    full = dict(layer.state_dict())
-    unknown = sorted(set(sd) - set(full))
-    assert not unknown, unknown
-    full.update({k: v.to(full[k].dtype) for k, v in sd.items()})
-    layer.load_state_dict(full)
+    _load_layer(layer, sd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -90,38 +90,50 @@ class SafetensorsReader:
         return t.to(dtype)
 
 
-def expert_state(reader: SafetensorsReader, layer_prefix: str, model_type: str,
-                 ids: Sequence[int], dtype: torch.dtype) -> Optional[Dict[str, torch.Tensor]]:
-    """MoELayer weights of one sparse block (`layer_prefix` = 'model.layers.<i>.'), experts
-    `ids` only; None if the files hold neither the classic nor the fused expert names."""
-    attr, router, (gate, up, down) = _SPARSE_NAMES[model_type]
-    candidates = [f"{layer_prefix}{attr}."] + ([f"{layer_prefix}mlp."] if attr != "mlp" else [])
-    for pre in candidates:
+def expert_layout(reader: SafetensorsReader, layer_prefix: str, model_type: str,
+                  first_id: int = 0) -> Optional[Tuple[str, bool]]:
+    """(prefix of one sparse block's tensors in the files, fused?) for the layer at
+    `layer_prefix` ('model.layers.<i>.'); None if the files hold neither the classic per-expert
+    nor the fused expert names."""
+    attr, router, (gate, _, _) = _SPARSE_NAMES[model_type]
+    for pre in [f"{layer_prefix}{attr}."] + ([f"{layer_prefix}mlp."] if attr != "mlp" else []):
         if f"{pre}{router}" not in reader:
             continue
-        if f"{pre}experts.{ids[0]}.{gate}" in reader:                 # classic, per expert
-            w1 = [torch.cat([reader.get(f"{pre}experts.{e}.{gate}", dtype).t(),
-                             reader.get(f"{pre}experts.{e}.{up}", dtype).t()], dim=1) for e in ids]
-            w2 = [reader.get(f"{pre}experts.{e}.{down}", dtype).t() for e in ids]
-            w1_LDH, w2_LFD = torch.stack(w1), torch.stack(w2)
-        elif f"{pre}experts.gate_up_proj" in reader:                    # fused, transformers 5
-            lo, hi = ids[0], ids[-1] + 1
-            w1_LDH = reader.get_rows(f"{pre}experts.gate_up_proj", lo, hi, dtype).transpose(1, 2)
-            w2_LFD = reader.get_rows(f"{pre}experts.down_proj", lo, hi, dtype).transpose(1, 2)
-        else:
-            return None
-        sd = {"router.weight": reader.get(f"{pre}{router}", dtype),
-              "experts.w1": w1_LDH.contiguous(), "experts.w2": w2_LFD.contiguous()}
-        se = f"{pre}shared_expert."
-        if model_type == "qwen2_moe" and f"{se}gate_proj.weight" in reader:
-            g, u = reader.get(f"{se}gate_proj.weight", dtype), reader.get(f"{se}up_proj.weight", dtype)
-            if g.shape[0] > 0:
-                sd["shared_expert.mlp.w1"] = torch.cat([g.t(), u.t()], dim=1)
-                sd["shared_expert.mlp.w2"] = reader.get(f"{se}down_proj.weight", dtype).t()
-                sd["shared_expert.gate.weight"] = reader.get(f"{pre}shared_expert_gate.weight",
-                                                             dtype)
-        return sd
+        if f"{pre}experts.{first_id}.{gate}" in reader:
+            return pre, False
+        if f"{pre}experts.gate_up_proj" in reader:
+            return pre, True
     return None
+
+
+def expert_state(reader: SafetensorsReader, layer_prefix: str, model_type: str,
+                 ids: Sequence[int], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """MoELayer weights of one sparse block, experts `ids` only (names: `expert_layout`)."""
+    _, router, (gate, up, down) = _SPARSE_NAMES[model_type]
+    layout = expert_layout(reader, layer_prefix, model_type, ids[0])
+    if layout is None:
+        raise ValueError(f"from_pretrained: no expert tensors of {layer_prefix} in the source's "
+                         "safetensors files")
+    pre, fused = layout
+    if fused:                                                     # transformers 5's layout
+        lo, hi = ids[0], ids[-1] + 1
+        w1_LDH = reader.get_rows(f"{pre}experts.gate_up_proj", lo, hi, dtype).transpose(1, 2)
+        w2_LFD = reader.get_rows(f"{pre}experts.down_proj", lo, hi, dtype).transpose(1, 2)
+    else:                                                         # classic, per expert
+        w1_LDH = torch.stack([torch.cat([reader.get(f"{pre}experts.{e}.{gate}", dtype).t(),
+                                         reader.get(f"{pre}experts.{e}.{up}", dtype).t()], dim=1)
+                              for e in ids])
+        w2_LFD = torch.stack([reader.get(f"{pre}experts.{e}.{down}", dtype).t() for e in ids])
+    sd = {"router.weight": reader.get(f"{pre}{router}", dtype),
+          "experts.w1": w1_LDH.contiguous(), "experts.w2": w2_LFD.contiguous()}
+    se = f"{pre}shared_expert."
+    if model_type == "qwen2_moe" and f"{se}gate_proj.weight" in reader:
+        g, u = reader.get(f"{se}gate_proj.weight", dtype), reader.get(f"{se}up_proj.weight", dtype)
+        if g.shape[0] > 0:
+            sd["shared_expert.mlp.w1"] = torch.cat([g.t(), u.t()], dim=1)
+            sd["shared_expert.mlp.w2"] = reader.get(f"{se}down_proj.weight", dtype).t()
+            sd["shared_expert.gate.weight"] = reader.get(f"{pre}shared_expert_gate.weight", dtype)
+    return sd
 
 
 def dense_mlp(reader: SafetensorsReader, layer_prefix: str, mlp_meta: nn.Module,
@@ -145,13 +157,14 @@ def layer_prefixes(model: nn.Module, layers: nn.ModuleList) -> List[str]:
     return [names[id(layer)] + "." for layer in layers]
 
 
-def missing_from(reader: SafetensorsReader, model: nn.Module) -> List[str]:
-    """Persistent tensors still on the meta device that the files do not hold (tied ones
-    excepted: they are re-tied after loading)."""
+def missing_from(reader: SafetensorsReader, model: nn.Module, skip: Tuple[str, ...] = ()
+                 ) -> List[str]:
+    """Persistent tensors still on the meta device that the files do not hold, but those under
+    the `skip` prefixes (the blocks to replace) and tied ones (re-tied after loading)."""
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) \
         if getattr(model.config, "tie_word_embeddings", False) else set()
     return [k for k, t in model.state_dict().items()
-            if t.is_meta and k not in reader and k not in tied]
+            if t.is_meta and k not in reader and k not in tied and not k.startswith(skip)]
 
 
 def fill_rest(reader: SafetensorsReader, model: nn.Module, hf_config, dtype: torch.dtype) -> None:
