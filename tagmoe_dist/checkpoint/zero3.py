@@ -26,8 +26,11 @@ its checkpoints hold (tagmoe_dist/checkpoint/loading.py).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -351,9 +354,17 @@ def to_universal(tag_dir: PathLike, out_dir: PathLike) -> Path:
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
     if out_dir.exists():
         raise ValueError(f"{out_dir} exists; choose a new output directory")
-    ds_to_universal(argparse.Namespace(
-        input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
-        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+    # its step-by-step prints and progress bars name our temporary directories: kept for an error
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=False))
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
     sd = consolidate(tag_dir, with_optimizer=True)
     for name in expert_names(tag_dir):
         for state in ("fp32", "exp_avg", "exp_avg_sq"):
