@@ -12,6 +12,7 @@ no change to the layer is needed; `update(...)` also accepts the tensors directl
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -98,7 +99,10 @@ def heatmap_figure(counts_TaskE: torch.Tensor, task_names: Sequence[str], title:
     ax.set_xlabel("expert")
     ax.set_title(title or ("P(expert | task)" if normalize else "routing choices"), fontsize=9)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    with warnings.catch_warnings():
+        # a figure of few experts is too narrow for every margin; the plot is drawn all the same
+        warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
+        fig.tight_layout()
     return fig
 
 

@@ -272,7 +272,11 @@ def main(argv=None) -> int:
     # A rank that dies, hangs or stops making progress (e.g. stuck writing a checkpoint) makes
     # the others exit (code 75) naming it, within the timeout (tagmoe_dist/faults.py).
     with faults.Watchdog.start(train["heartbeat_timeout_s"]) as watchdog:
-        return _train(args, cfg, train, ds_config, world, schema, data, evals, watchdog)
+        code = _train(args, cfg, train, ds_config, world, schema, data, evals, watchdog)
+    # Torn down here, as torch asks, not by the interpreter's exit: a finished rank was seen to
+    # abort there now and then ("terminate called without an active exception", exit -6).
+    dist.destroy_process_group()
+    return code
 
 
 def _train(args, cfg: GPTConfig, train: Dict[str, Any], ds_config: Dict[str, Any], world: int,
